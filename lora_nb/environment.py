@@ -1,0 +1,139 @@
+"""Environment check: what this machine has for LoRA/QLoRA, and what follows from it.
+
+`check_environment()` probes, never assumes: versions of the stack, a CUDA GPU and its memory,
+whether bitsandbytes can really quantize a layer to 4-bit here, whether the hub answers, and where
+the demo model comes from. Each finding is one `Check` with a plain-words consequence.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+import warnings
+from dataclasses import dataclass
+
+from .demo import DEMO_MODEL_ID, find_demo_gguf, hub_reachable
+from .errors import ModelLoadError
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "ipywidgets", "matplotlib")
+
+
+@dataclass
+class Check:
+    """One line of the environment report."""
+
+    name: str
+    ok: bool
+    detail: str
+    advice: str = ""
+
+    def __str__(self) -> str:
+        mark = "[OK]  " if self.ok else "[FAIL]"
+        tail = f" -> {self.advice}" if self.advice else ""
+        return f"{mark} {self.name}: {self.detail}{tail}"
+
+
+def check_environment(probe_hub: bool = True) -> list[Check]:
+    """Run every check and return them in reading order.
+
+    Args:
+        probe_hub: also test whether the Hugging Face hub answers (a 2-second probe).
+    """
+    checks = [Check("Python", sys.version_info >= (3, 10), platform.python_version(), _python_advice())]
+    checks += [_package_check(name) for name in PACKAGES]
+    checks.append(_gpu_check())
+    checks.append(_four_bit_check())
+    if probe_hub:
+        checks.append(_hub_check())
+    checks.append(_demo_model_check())
+    return checks
+
+
+def report(checks: list[Check] | None = None) -> str:
+    """The checks as text, one line each, ending with a one-line verdict."""
+    checks = check_environment() if checks is None else checks
+    failed = [c.name for c in checks if not c.ok]
+    verdict = "Everything the walkthrough needs is here." if not failed else f"Needs attention: {', '.join(failed)}."
+    return "\n".join([*map(str, checks), verdict])
+
+
+def _python_advice() -> str:
+    return "" if sys.version_info >= (3, 10) else "the kit needs Python 3.10 or newer"
+
+
+def _package_check(name: str) -> Check:
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return Check(name, False, "not installed", f"run `pip install {name}` (or `python kit.py setup`)")
+    return Check(name, True, version)
+
+
+def _gpu_check() -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check(
+            "CUDA GPU",
+            True,
+            "none",
+            "training runs on the CPU: fine for the demo model, too slow for multi-billion-parameter models",
+        )
+    props = torch.cuda.get_device_properties(0)
+    gib = props.total_memory / 2**30
+    bf16 = "supports bf16" if torch.cuda.is_bf16_supported() else "no bf16: fp16 compute"
+    return Check("CUDA GPU", True, f"{props.name}, {gib:.1f} GiB, {bf16}", _gpu_advice(gib))
+
+
+def _gpu_advice(gib: float) -> str:
+    """Rule of thumb: 4-bit weights take ~0.6 GB per billion parameters plus working memory."""
+    largest = max(int((gib - 3) / 0.9), 0)
+    return f"QLoRA (4-bit) fits models up to roughly {largest}B parameters at short sequence lengths"
+
+
+def four_bit_available() -> tuple[bool, str]:
+    """Whether bitsandbytes can quantize and run a layer in 4-bit here, by trying it on a tiny one."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes as bnb
+    except ImportError as err:
+        return False, f"bitsandbytes cannot be imported ({err}); 4-bit and 8-bit loading are off"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        layer = bnb.nn.Linear4bit(16, 8, bias=False, quant_type="nf4", compute_dtype=torch.float32).to(device)
+        layer(torch.ones(1, 16, device=device))
+    except Exception as err:  # any backend failure means "not available", reported in words
+        return False, f"bitsandbytes {bnb.__version__} has no working 4-bit backend on {device}: {err}"
+    where = "CUDA" if device == "cuda" else "CPU backend (slower than a GPU, but correct)"
+    return True, f"bitsandbytes {bnb.__version__} runs 4-bit NF4 on the {where}"
+
+
+def _four_bit_check() -> Check:
+    ok, detail = four_bit_available()
+    advice = "" if ok else "the kit loads models in full precision instead (more memory, same results)"
+    return Check("4-bit (bitsandbytes)", ok, detail, advice)
+
+
+def _hub_check() -> Check:
+    if hub_reachable():
+        return Check("Hugging Face hub", True, "reachable", "models and data sets load by hub ID")
+    return Check(
+        "Hugging Face hub",
+        True,
+        "not reachable (offline)",
+        f"the demo model {DEMO_MODEL_ID} comes from its offline copy; other models need a local path",
+    )
+
+
+def _demo_model_check() -> Check:
+    try:
+        gguf = find_demo_gguf()
+    except ModelLoadError as err:
+        if hub_reachable():
+            return Check("Demo model", True, f"{DEMO_MODEL_ID} from the hub")
+        return Check("Demo model", False, "no offline copy and no hub", str(err))
+    return Check("Demo model", True, f"offline copy available ({gguf.name})")
