@@ -1,0 +1,836 @@
+"""Settings: the one definition of every knob of a LoRA/QLoRA run, its checks, and its conversions.
+
+Each setting is a dataclass field whose ``metadata`` holds the help text, the allowed range, the
+recommended range and a group name; choices are ``Literal`` types. Widgets, YAML comments, docs and
+validation all read :func:`field_specs`, so nothing repeats a default or a range.
+
+This module is also the only place that builds the library objects: ``peft.LoraConfig``
+(:meth:`LoraSettings.to_peft`), ``transformers.BitsAndBytesConfig`` (:meth:`QuantSettings.to_bnb`)
+and ``transformers.TrainingArguments`` (:meth:`TrainSettings.to_training_args`).
+
+How LoRA adapts a layer (what ``r``, ``lora_alpha`` and ``lora_dropout`` act on)::
+
+    x ──► W (frozen, out x in) ─────────────────────┐
+    │                                               (+) ──► y = W x + (alpha / r) * B A x
+    └─► dropout ─► A (r x in) ─► B (out x r) ─► * scale
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from lora_nb.errors import SettingsError
+
+if typing.TYPE_CHECKING:
+    import peft
+    import torch.nn
+    import transformers
+
+ALL_LINEAR = "all-linear"
+
+InitLoraWeights = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+LrScheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+]
+BNB_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+def _meta(help: str, group: str, min: float | None = None, max: float | None = None,
+          recommended: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Builds the metadata dict every settings field carries."""
+    return {"help": help, "group": group, "min": min, "max": max, "recommended": recommended}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field specs: the public view of the metadata
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One setting as a UI or a document sees it.
+
+    Attributes:
+        name: Field name, as in the dataclass and the kit's YAML.
+        type: The annotation (e.g. ``int``, ``Literal["none", "all"]``, ``int | list[int] | None``).
+        default: Default value.
+        help: Help text in the kit's words.
+        min: Smallest allowed number (inclusive), or None.
+        max: Largest allowed number (inclusive), or None.
+        recommended: ``(low, high)`` range that usually works, or None.
+        choices: Allowed values when the type is a ``Literal``, else None.
+        group: Group name, for laying fields out in sections.
+        optional: True when None is an allowed value.
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    min: float | None
+    max: float | None
+    recommended: tuple[float, float] | None
+    choices: tuple[Any, ...] | None
+    group: str
+    optional: bool
+
+    @property
+    def type_name(self) -> str:
+        """Short readable type, e.g. ``int``, ``'none' | 'all'``, ``int | list[int] | None``."""
+        return _type_name(self.type)
+
+
+def field_specs(cls: type) -> list[FieldSpec]:
+    """Lists the fields of a settings class with their spec, in declaration order.
+
+    Args:
+        cls: ``LoraSettings``, ``QuantSettings`` or ``TrainSettings`` (the class or an instance).
+
+    Returns:
+        One :class:`FieldSpec` per field.
+    """
+    cls = cls if isinstance(cls, type) else type(cls)
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        md = f.metadata
+        specs.append(FieldSpec(
+            name=f.name, type=tp, default=default, help=md["help"], min=md["min"], max=md["max"],
+            recommended=md["recommended"], choices=_choices(tp), group=md["group"],
+            optional=_matches(None, tp),
+        ))
+    return specs
+
+
+def value_problems(cls: type, name: str, value: Any, label: str | None = None) -> list[str]:
+    """Checks one value against a field's type and range.
+
+    Args:
+        cls: The settings class that owns the field.
+        name: Field name.
+        value: Candidate value.
+        label: Name to use in the message (e.g. ``lora.r`` or a file key); defaults to ``name``.
+
+    Returns:
+        Problem sentences; empty when the value is allowed.
+    """
+    spec = next(s for s in field_specs(cls) if s.name == name)
+    label = label or name
+    if not _matches(value, spec.type):
+        return [f"{label} must be {_describe(spec)}, got {value!r}{_hint(spec)}"]
+    numbers = value if isinstance(value, list) else [value]
+    for number in numbers:
+        if not _is_number(number):
+            continue
+        if (spec.min is not None and number < spec.min) or (spec.max is not None and number > spec.max):
+            return [f"{label} must be {_describe(spec)}, got {value!r}{_hint(spec)}"]
+    return []
+
+
+def _choices(tp: Any) -> tuple[Any, ...] | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """True when ``value`` fits the annotation ``tp`` (bool is not an int here, NaN is not a number)."""
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(tp))
+    if _is_union(tp):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return _is_number(value) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, tp)
+    raise TypeError(f"unsupported settings annotation {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "None"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return tp.__name__
+
+
+_PLAIN = {bool: "true or false", int: "an integer", float: "a number", str: "a text", type(None): "null"}
+
+
+def _plain(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        args = typing.get_args(tp)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(repr(a) for a in args)
+    if _is_union(tp):
+        return " or ".join(_plain(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_plain(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return _PLAIN.get(tp) or f"a {tp.__name__}"
+
+
+def _describe(spec: FieldSpec) -> str:
+    lo, hi = spec.min, spec.max
+    bound = "" if lo is None and hi is None else (
+        f" >= {lo:g}" if hi is None else f" <= {hi:g}" if lo is None else f" between {lo:g} and {hi:g}")
+    return _plain(spec.type) + (bound if spec.type in (int, float) or not bound else f", with values{bound}")
+
+
+def _hint(spec: FieldSpec) -> str:
+    if spec.recommended:
+        return f" (usual range {spec.recommended[0]:g} to {spec.recommended[1]:g}; default {spec.default!r})"
+    return f" (default {spec.default!r})"
+
+
+def _field_problems(obj: Any, prefix: str = "") -> list[str]:
+    return [p for s in field_specs(obj) for p in value_problems(type(obj), s.name, getattr(obj, s.name), prefix + s.name)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment probes (module functions so that tests can replace them)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA GPU."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bf16_supported() -> bool:
+    """True when a CUDA GPU that computes in bfloat16 is present."""
+    import torch
+
+    return cuda_available() and torch.cuda.is_bf16_supported()
+
+
+def has_package(name: str) -> bool:
+    """True when ``name`` can be imported (without importing it)."""
+    return importlib.util.find_spec(name) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSettings:
+    """What the adapter looks like: rank, scale, which layers it wraps, how it starts."""
+
+    r: int = field(default=16, metadata=_meta(
+        "LoRA rank: the inner size of the two small matrices A (r x in) and B (out x r) added beside each "
+        "adapted weight. More rank = more trainable parameters and capacity; 8-64 covers most tasks.",
+        "size", min=1, max=1024, recommended=(8, 64)))
+    lora_alpha: int = field(default=32, metadata=_meta(
+        "Scale numerator: the update B A x is multiplied by lora_alpha / r (lora_alpha / sqrt(r) with "
+        "use_rslora). Usually 1-2 x r; changing r without alpha changes the effective step size.",
+        "size", min=1, max=4096))
+    lora_dropout: float = field(default=0.05, metadata=_meta(
+        "Dropout applied to the input of the LoRA branch only (the frozen path sees no dropout). "
+        "0 for short runs; 0.05-0.1 against overfitting on small data sets.",
+        "regularization", min=0.0, max=1.0, recommended=(0.0, 0.1)))
+    target_modules: Union[Literal["all-linear"], list[str]] = field(default=ALL_LINEAR, metadata=_meta(
+        "Layers to adapt, by short name (e.g. q_proj, v_proj, c_attn), or 'all-linear' for every linear "
+        "layer except the output head. peft silently skips misspelled names when another name matches; "
+        "the kit checks the names against the model.",
+        "targets"))
+    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata=_meta(
+        "Which bias vectors train too: 'none'; 'all' = every bias in the model; 'lora_only' = biases of "
+        "the adapted layers. With biases trained, turning the adapter off no longer gives the base model.",
+        "advanced"))
+    fan_in_fan_out: bool = field(default=False, metadata=_meta(
+        "States how the target layers store their weight: True for (in, out) as GPT-2's Conv1D does, "
+        "False for nn.Linear's (out, in). A fact about the model, not a tuning knob; peft corrects a "
+        "wrong value with a warning.",
+        "targets"))
+    modules_to_save: Union[list[str], None] = field(default=None, metadata=_meta(
+        "Modules trained in full and saved with the adapter (e.g. embed_tokens and lm_head after adding "
+        "tokens to the tokenizer). Each costs a full trainable copy of the module.",
+        "targets"))
+    layers_to_transform: Union[int, list[int], None] = field(default=None, metadata=_meta(
+        "Transformer block indices (0-based) to adapt, as one integer or a list; null = every block.",
+        "targets", min=0))
+    layers_pattern: Union[str, None] = field(default=None, metadata=_meta(
+        "Name of the module list holding the blocks ('layers' in Llama, 'h' in GPT-2), used only with "
+        "layers_to_transform. It names the list; it is not a pattern of whole module paths. null = the "
+        "first numbered path segment.",
+        "targets"))
+    use_rslora: bool = field(default=False, metadata=_meta(
+        "Rank-stabilized LoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r, so that large "
+        "ranks are not scaled down so much.",
+        "size"))
+    use_dora: bool = field(default=False, metadata=_meta(
+        "DoRA: splits each adapted weight into direction (LoRA) and a trainable magnitude vector "
+        "(out_features values per layer). Often better at low rank; slower steps.",
+        "advanced"))
+    init_lora_weights: InitLoraWeights = field(default="default", metadata=_meta(
+        "How the adapter starts. 'default': A random, B zero, so training starts from the base model; "
+        "'gaussian': A normal instead of Kaiming-uniform; 'pissa'/'olora': from an SVD/QR of the weight "
+        "(changes the base weights to the residual); 'loftq': quantization-aware start, needs a CUDA GPU.",
+        "advanced"))
+    loftq_bits: Literal[2, 4, 8] = field(default=4, metadata=_meta(
+        "Bits LoftQ quantizes the backbone to; used only when init_lora_weights is 'loftq'.",
+        "advanced"))
+    task_type: Literal["CAUSAL_LM"] = field(default="CAUSAL_LM", metadata=_meta(
+        "peft task type; the kit fine-tunes causal (decoder-only) language models.",
+        "advanced"))
+
+    def problems(self, model: torch.nn.Module | None = None) -> list[str]:
+        """Lists every problem of these settings (empty when all is well).
+
+        Args:
+            model: When given, target names, layer indices and fan_in_fan_out are checked against it.
+
+        Returns:
+            One sentence per problem, naming the field, the value and what is allowed.
+        """
+        found = _field_problems(self)
+        if found:
+            return found
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            found.append("target_modules is an empty list: name at least one layer, or use 'all-linear'")
+        if model is not None:
+            found += self._model_problems(model)
+        if not found and (model is not None or not self._needs_model()):
+            try:
+                self.to_peft(model)
+            except SettingsError as err:
+                found += err.problems
+        return found
+
+    def check(self, model: torch.nn.Module | None = None) -> None:
+        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        _raise_if(self.problems(model))
+
+    def advice(self) -> list[str]:
+        """Lists settings that are allowed but unusual, with the reason (not errors)."""
+        if _field_problems(self):
+            return []
+        tips = []
+        if self.use_rslora:
+            scale = f"lora_alpha / sqrt(r) = {self.lora_alpha / math.sqrt(self.r):.3g}"
+        else:
+            scale = f"lora_alpha / r = {self.lora_alpha / self.r:.3g}"
+            if not 1 <= self.lora_alpha / self.r <= 2:
+                tips.append(f"{scale}: the usual ratio is 1 to 2 (lora_alpha = r to 2 x r); "
+                            "a smaller scale learns slowly, a larger one can be unstable")
+        if self.lora_dropout > 0.2:
+            tips.append(f"lora_dropout {self.lora_dropout:g} is high (usual 0 to 0.1): the adapter may learn slowly")
+        if self.r > 128:
+            tips.append(f"r {self.r} is large: memory grows with r and gains above 64-128 are rare")
+        if self.modules_to_save:
+            tips.append(f"modules_to_save {self.modules_to_save} trains full copies of these modules: "
+                        "only needed when new tokens were added")
+        return tips
+
+    def to_peft(self, model: torch.nn.Module | None = None) -> peft.LoraConfig:
+        """Builds the ``peft.LoraConfig``.
+
+        'all-linear' is expanded to explicit short names when a model is given, and must be when
+        ``layers_to_transform`` is set (peft refuses 'all-linear' with layer indices).
+
+        Args:
+            model: The base model, to expand 'all-linear' into its layer names.
+
+        Returns:
+            The peft configuration.
+
+        Raises:
+            SettingsError: When peft refuses the settings, or 'all-linear' must be expanded without a model.
+        """
+        import peft
+
+        try:
+            return peft.LoraConfig(**self._peft_kwargs(model))
+        except (ValueError, TypeError, ImportError) as err:
+            raise SettingsError(f"peft refused the LoRA settings: {err}") from err
+
+    def peft_kwargs(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """The keyword arguments :meth:`to_peft` passes to ``peft.LoraConfig`` (used to write code)."""
+        return self._peft_kwargs(model)
+
+    def _peft_kwargs(self, model: torch.nn.Module | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+            "target_modules": self._explicit_targets(model), "bias": self.bias,
+            "fan_in_fan_out": self.fan_in_fan_out, "modules_to_save": _copy(self.modules_to_save),
+            "layers_to_transform": _copy(self.layers_to_transform), "layers_pattern": self.layers_pattern,
+            "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+            "init_lora_weights": True if self.init_lora_weights == "default" else self.init_lora_weights,
+            "task_type": self.task_type,
+        }
+        if self.init_lora_weights == "loftq":
+            import peft
+
+            kwargs["loftq_config"] = peft.LoftQConfig(loftq_bits=self.loftq_bits)
+        return kwargs
+
+    def _needs_model(self) -> bool:
+        return self.target_modules == ALL_LINEAR and self.layers_to_transform is not None
+
+    def _explicit_targets(self, model: torch.nn.Module | None) -> str | list[str]:
+        if self.target_modules != ALL_LINEAR:
+            return list(self.target_modules)
+        if model is not None:
+            from lora_nb.targets import find_targets
+
+            return find_targets(model).names
+        if self.layers_to_transform is not None:
+            raise SettingsError(
+                "target_modules 'all-linear' with layers_to_transform needs the model to expand 'all-linear' "
+                "into layer names (peft refuses the combination): pass the model to to_peft(model)")
+        return ALL_LINEAR
+
+    def _model_problems(self, model: torch.nn.Module) -> list[str]:
+        from lora_nb.targets import find_targets
+
+        targets = find_targets(model)
+        found = []
+        if isinstance(self.target_modules, list):
+            unknown = [n for n in self.target_modules if n not in targets.names]
+            if unknown:
+                found.append(f"target_modules {unknown} not found in the model (peft would skip them silently); "
+                             f"its adaptable layers are {targets.names}")
+        layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        outside = [i for i in layers or [] if i >= targets.n_layers]
+        if outside:
+            found.append(f"layers_to_transform {outside} outside the model's blocks 0 to {targets.n_layers - 1}")
+        if self.fan_in_fan_out != targets.fan_in_fan_out:
+            kind = "Conv1D (weights stored in x out)" if targets.fan_in_fan_out else "nn.Linear (weights out x in)"
+            found.append(f"fan_in_fan_out must be {targets.fan_in_fan_out} for this model, whose layers are "
+                         f"{kind}; got {self.fan_in_fan_out}")
+        missing = [m for m in self.modules_to_save or [] if m not in _module_short_names(model)]
+        if missing:
+            found.append(f"modules_to_save {missing} not found in the model")
+        return found
+
+
+def _module_short_names(model: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise SettingsError(problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantSettings:
+    """How the frozen base weights are stored while training (QLoRA = 4-bit base + LoRA)."""
+
+    load_in: Literal["4bit", "8bit", "none"] = field(default="4bit", metadata=_meta(
+        "Storage of the frozen base weights: '4bit' (QLoRA, about 0.5 byte per weight), '8bit' (about 1 "
+        "byte) or 'none' (the training precision). Needs bitsandbytes; saves memory on large models, "
+        "costs speed (on CPU about 1.2-1.4x slower steps).",
+        "quantization"))
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata=_meta(
+        "4-bit number format: 'nf4' (NormalFloat, fits normally distributed weights, the QLoRA choice) or 'fp4'.",
+        "quantization"))
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata=_meta(
+        "Also quantize the per-block scale factors: saves about 0.4 bit per weight.",
+        "quantization"))
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata=_meta(
+        "Precision the 4-bit weights are unpacked to for each matrix product.",
+        "quantization"))
+
+    def problems(self) -> list[str]:
+        """Lists every problem of these settings (types and choices)."""
+        return _field_problems(self)
+
+    def check(self) -> None:
+        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        _raise_if(self.problems())
+
+    def to_bnb(self) -> transformers.BitsAndBytesConfig | None:
+        """Builds the ``transformers.BitsAndBytesConfig``, or None for ``load_in='none'``.
+
+        Raises:
+            SettingsError: When transformers refuses the settings.
+        """
+        import torch
+        import transformers
+
+        if self.load_in == "none":
+            return None
+        if self.load_in == "8bit":
+            return transformers.BitsAndBytesConfig(load_in_8bit=True)
+        try:
+            return transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, self.bnb_4bit_compute_dtype))
+        except (ValueError, TypeError) as err:
+            raise SettingsError(f"transformers refused the quantization settings: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    """How the adapter is trained: optimizer, schedule, batches, precision, logging."""
+
+    learning_rate: float = field(default=2e-4, metadata=_meta(
+        "Peak learning rate of the adapter weights. LoRA tolerates more than full fine-tuning: 5e-5 to 2e-4 "
+        "for billion-parameter models, up to 1e-3 for short runs on small ones.",
+        "optimizer", min=1e-7, max=1.0, recommended=(5e-5, 1e-3)))
+    num_train_epochs: float = field(default=1.0, metadata=_meta(
+        "Passes over the training data (fractions allowed); ignored when max_steps > 0. More than 3 "
+        "usually overfits.",
+        "schedule", min=0.01, max=100.0, recommended=(1, 3)))
+    max_steps: int = field(default=-1, metadata=_meta(
+        "Optimizer steps to run; -1 = use num_train_epochs instead.",
+        "schedule", min=-1))
+    per_device_train_batch_size: int = field(default=4, metadata=_meta(
+        "Examples per forward/backward pass. Memory for activations grows with it.",
+        "batch", min=1, max=1024))
+    gradient_accumulation_steps: int = field(default=1, metadata=_meta(
+        "Passes whose gradients are summed before one optimizer step: effective batch = batch size x this, "
+        "without the memory of a larger batch.",
+        "batch", min=1, max=1024))
+    warmup_steps: int = field(default=0, metadata=_meta(
+        "Steps over which the learning rate rises linearly from 0 to its peak. Use this or warmup_ratio.",
+        "schedule", min=0))
+    warmup_ratio: float = field(default=0.0, metadata=_meta(
+        "Warmup as a fraction of all steps (0.05-0.1 is usual). Use this or warmup_steps.",
+        "schedule", min=0.0, max=0.99, recommended=(0.0, 0.1)))
+    lr_scheduler_type: LrScheduler = field(default="linear", metadata=_meta(
+        "How the learning rate moves after warmup: 'linear' decay to 0, 'cosine', 'constant', ...",
+        "schedule"))
+    weight_decay: float = field(default=0.0, metadata=_meta(
+        "Decoupled weight decay of the adapter weights (AdamW): pulls them towards 0; 0.01 is a usual start.",
+        "optimizer", min=0.0, max=1.0, recommended=(0.0, 0.1)))
+    max_grad_norm: float = field(default=1.0, metadata=_meta(
+        "Gradient clipping: the gradient is rescaled when its norm exceeds this; 0 = no clipping.",
+        "optimizer", min=0.0, max=100.0))
+    max_seq_length: int = field(default=512, metadata=_meta(
+        "Longest example in tokens; longer ones are cut. Activation memory grows with it.",
+        "data", min=8, max=131072))
+    seed: int = field(default=42, metadata=_meta(
+        "Seed of every random choice (adapter init, dropout, data order), for repeatable runs.",
+        "reproducibility", min=0, max=2**32 - 1))
+    gradient_checkpointing: bool = field(default=False, metadata=_meta(
+        "Recompute activations in the backward pass instead of storing them: much less activation "
+        "memory, about 20-30% slower steps.",
+        "memory"))
+    optim: Optimizer = field(default="adamw_torch", metadata=_meta(
+        "Optimizer. AdamW keeps 2 fp32 states per trainable weight (8 bytes); the 8-bit variants "
+        "(bitsandbytes) 2 bytes; 'paged_' ones move states to CPU RAM under GPU memory pressure; "
+        "'sgd' keeps none here.",
+        "optimizer"))
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=_meta(
+        "Compute precision of training: 'auto' = bf16 on a CUDA GPU that supports it, else fp32; "
+        "'fp16' needs a CUDA GPU.",
+        "memory"))
+    logging_steps: int = field(default=10, metadata=_meta(
+        "Record the training loss every this many steps.",
+        "logging", min=1))
+    eval_steps: Union[int, None] = field(default=None, metadata=_meta(
+        "Evaluate on the held-out split every this many steps; null = no evaluation during training.",
+        "logging", min=1))
+    save_steps: Union[int, None] = field(default=None, metadata=_meta(
+        "Save a resumable checkpoint every this many steps; null = no checkpoints during training.",
+        "logging", min=1))
+    save_total_limit: Union[int, None] = field(default=None, metadata=_meta(
+        "Keep at most this many checkpoints (older ones are deleted); null = keep all.",
+        "logging", min=1))
+    train_on_responses_only: bool = field(default=True, metadata=_meta(
+        "Compute the loss on the answer tokens only (the prompt is masked), so the model learns to answer "
+        "rather than to repeat prompts.",
+        "data"))
+    group_by_length: bool = field(default=True, metadata=_meta(
+        "Batch examples of similar length together: less padding, faster steps (measured 1.95x on "
+        "mixed-length data on CPU).",
+        "data"))
+
+    def problems(self) -> list[str]:
+        """Lists every problem of these settings."""
+        found = _field_problems(self)
+        if not found and self.warmup_steps > 0 and self.warmup_ratio > 0:
+            found.append(f"warmup_steps {self.warmup_steps} and warmup_ratio {self.warmup_ratio:g} are both set: "
+                         "set one of them to 0")
+        return found
+
+    def check(self) -> None:
+        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        _raise_if(self.problems())
+
+    def advice(self) -> list[str]:
+        """Lists settings that are allowed but unusual, with the reason (not errors)."""
+        if _field_problems(self):
+            return []
+        tips = []
+        lo, hi = field_specs(TrainSettings)[0].recommended
+        if not lo <= self.learning_rate <= hi:
+            tips.append(f"learning_rate {self.learning_rate:g} is outside the usual {lo:g} to {hi:g}")
+        if self.max_steps < 0 and self.num_train_epochs > 3:
+            tips.append(f"num_train_epochs {self.num_train_epochs:g} > 3 often overfits a small data set")
+        if self.warmup_ratio > 0.2:
+            tips.append(f"warmup_ratio {self.warmup_ratio:g} spends a large share of the run warming up")
+        return tips
+
+    def to_training_args(self, output_dir: str, **overrides: Any) -> transformers.TrainingArguments:
+        """Builds the ``transformers.TrainingArguments``.
+
+        CPU-only machines get ``use_cpu=True``; precision 'auto' becomes bf16 on a CUDA GPU that
+        supports it, else fp32. Columns are kept (the kit's collator needs them), nothing is
+        reported to external services, and ``warmup_ratio`` is passed as transformers 5 expects it
+        (a float below 1 in ``warmup_steps``).
+
+        Args:
+            output_dir: Folder for checkpoints.
+            **overrides: TrainingArguments keywords that replace the derived ones.
+
+        Returns:
+            The training arguments.
+
+        Raises:
+            SettingsError: When transformers refuses the arguments.
+        """
+        import transformers
+
+        precision = self.resolved_precision()
+        kwargs: dict[str, Any] = {
+            "output_dir": str(output_dir), "learning_rate": self.learning_rate,
+            "num_train_epochs": self.num_train_epochs, "max_steps": self.max_steps,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "per_device_eval_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "warmup_steps": self.warmup_ratio if self.warmup_ratio > 0 else self.warmup_steps,
+            "lr_scheduler_type": self.lr_scheduler_type, "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm, "seed": self.seed, "data_seed": self.seed,
+            "optim": self.optim, "bf16": precision == "bf16", "fp16": precision == "fp16",
+            "use_cpu": not cuda_available(), "logging_steps": self.logging_steps,
+            "remove_unused_columns": False, "report_to": "none",
+            "train_sampling_strategy": "group_by_length" if self.group_by_length else "random",
+            "save_strategy": "no" if self.save_steps is None else "steps",
+            "eval_strategy": "no" if self.eval_steps is None else "steps",
+            "save_total_limit": self.save_total_limit,
+        }
+        if self.save_steps is not None:
+            kwargs["save_steps"] = self.save_steps
+        if self.eval_steps is not None:
+            kwargs["eval_steps"] = self.eval_steps
+        if self.gradient_checkpointing:
+            kwargs |= {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        kwargs |= overrides
+        try:
+            return transformers.TrainingArguments(**kwargs)
+        except (ValueError, TypeError, ImportError) as err:
+            raise SettingsError(f"transformers refused the training settings: {err}") from err
+
+    def resolved_precision(self) -> Literal["fp32", "bf16", "fp16"]:
+        """The precision training will use: 'auto' resolved for this machine."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if bf16_supported() else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------------------------
+
+SECTIONS = {"lora": LoraSettings, "quant": QuantSettings, "train": TrainSettings}
+
+
+@dataclass
+class KitSettings:
+    """Every setting of a fine-tuning run: the base model and the lora / quant / train sections."""
+
+    model_name_or_path: str = field(default="HuggingFaceTB/SmolLM2-135M-Instruct", metadata=_meta(
+        "Base model: a Hugging Face hub id or a local folder.",
+        "model"))
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata=_meta("The adapter.", "sections"))
+    quant: QuantSettings = field(default_factory=QuantSettings, metadata=_meta("Base weight storage.", "sections"))
+    train: TrainSettings = field(default_factory=TrainSettings, metadata=_meta("The training run.", "sections"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-ready) of every setting."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> KitSettings:
+        """Builds settings from a nested dict; missing keys keep their default.
+
+        Numbers written as text (pyyaml reads ``2e-4`` as a string) are read as numbers for
+        number fields. Values are not range-checked here: call :meth:`check`.
+
+        Args:
+            data: ``{"model_name_or_path": ..., "lora": {...}, "quant": {...}, "train": {...}}``.
+
+        Returns:
+            The settings.
+
+        Raises:
+            SettingsError: On unknown keys, or a section that is not a mapping.
+        """
+        if not isinstance(data, dict):
+            raise SettingsError(f"settings must be a mapping of sections, got {type(data).__name__}: {data!r:.80}")
+        allowed = ["model_name_or_path", *SECTIONS]
+        unknown = [k for k in data if k not in allowed]
+        if unknown:
+            raise SettingsError(f"unknown settings keys {unknown}: allowed keys are {allowed}")
+        sections = {name: section_from_dict(sec_cls, data.get(name) or {}, name)
+                    for name, sec_cls in SECTIONS.items()}
+        return cls(**({"model_name_or_path": data["model_name_or_path"]} if "model_name_or_path" in data else {}),
+                   **sections)
+
+    def problems(self, model: torch.nn.Module | None = None, check_environment: bool = True) -> list[str]:
+        """Lists every problem of the run's settings (empty when all is well).
+
+        Args:
+            model: When given, the LoRA targets are checked against it.
+            check_environment: Also check that this machine can run them (GPU, bitsandbytes, scipy).
+
+        Returns:
+            One sentence per problem; section fields are named ``lora.r``, ``train.seed``, ...
+        """
+        found = value_problems(KitSettings, "model_name_or_path", self.model_name_or_path)
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if not isinstance(section, SECTIONS[name]):
+                found += value_problems(KitSettings, name, section)
+                continue
+            found += [f"{name}.{p}" for p in (section.problems(model) if name == "lora" else section.problems())]
+        if not found:
+            found += self._cross_problems()
+            if check_environment:
+                found += self._environment_problems()
+        return found
+
+    def check(self, model: torch.nn.Module | None = None, check_environment: bool = True) -> None:
+        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        _raise_if(self.problems(model, check_environment))
+
+    def advice(self) -> list[str]:
+        """Lists settings that are allowed but unusual, with the reason (not errors)."""
+        tips = [f"lora.{t}" for t in self.lora.advice()] + [f"train.{t}" for t in self.train.advice()]
+        if self.quant.load_in != "none" and not cuda_available():
+            tips.append(f"quant.load_in {self.quant.load_in!r} without a CUDA GPU: bitsandbytes runs on CPU, but "
+                        "steps are slower and small models save no memory")
+        return tips
+
+    def to_peft(self, model: torch.nn.Module | None = None) -> peft.LoraConfig:
+        """Same as :meth:`LoraSettings.to_peft` for the ``lora`` section."""
+        return self.lora.to_peft(model)
+
+    def to_bnb(self) -> transformers.BitsAndBytesConfig | None:
+        """Same as :meth:`QuantSettings.to_bnb` for the ``quant`` section."""
+        return self.quant.to_bnb()
+
+    def to_training_args(self, output_dir: str, **overrides: Any) -> transformers.TrainingArguments:
+        """Same as :meth:`TrainSettings.to_training_args` for the ``train`` section."""
+        return self.train.to_training_args(output_dir, **overrides)
+
+    def _cross_problems(self) -> list[str]:
+        if self.lora.init_lora_weights == "loftq" and self.quant.load_in != "none":
+            return [f"lora.init_lora_weights 'loftq' quantizes the base model itself: set quant.load_in to 'none' "
+                    f"(got {self.quant.load_in!r})"]
+        return []
+
+    def _environment_problems(self) -> list[str]:
+        found = []
+        if self.quant.load_in != "none" and not has_package("bitsandbytes"):
+            found.append(f"quant.load_in {self.quant.load_in!r} needs the bitsandbytes package: install it, "
+                         "or set quant.load_in to 'none'")
+        if self.train.optim in BNB_OPTIMIZERS and not has_package("bitsandbytes"):
+            found.append(f"train.optim {self.train.optim!r} needs the bitsandbytes package: install it, "
+                         "or use 'adamw_torch'")
+        if self.lora.init_lora_weights == "loftq":
+            if not cuda_available():
+                found.append("lora.init_lora_weights 'loftq' needs a CUDA GPU (peft computes LoftQ on cuda): "
+                             "use 'default' or 'pissa' here")
+            if not has_package("scipy"):
+                found.append("lora.init_lora_weights 'loftq' needs the scipy package: install it")
+        if self.train.precision == "fp16" and not cuda_available():
+            found.append("train.precision 'fp16' needs a CUDA GPU: use 'auto', 'bf16' or 'fp32' on CPU")
+        if self.train.precision == "bf16" and cuda_available() and not bf16_supported():
+            found.append("train.precision 'bf16' is not supported by this GPU: use 'fp16' or 'auto'")
+        return found
+
+
+def section_from_dict(cls: type, data: Any, label: str) -> Any:
+    """Builds one settings section from a dict, reading numeric text as numbers for number fields.
+
+    Args:
+        cls: ``LoraSettings``, ``QuantSettings`` or ``TrainSettings``.
+        data: Field name to value.
+        label: Section name for messages.
+
+    Returns:
+        An instance of ``cls`` (not yet checked).
+
+    Raises:
+        SettingsError: When ``data`` is not a mapping or has unknown keys.
+    """
+    if not isinstance(data, dict):
+        raise SettingsError(f"{label} must be a mapping of settings, got {type(data).__name__}: {data!r:.80}")
+    specs = {s.name: s for s in field_specs(cls)}
+    unknown = [k for k in data if k not in specs]
+    if unknown:
+        raise SettingsError(f"unknown {label} keys {unknown}: allowed keys are {list(specs)}")
+    return cls(**{k: _coerce(v, specs[k].type) for k, v in data.items()})
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Reads text like '2e-4' as a float for a float field (pyyaml follows YAML 1.1 here)."""
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
