@@ -163,7 +163,7 @@ def test_lora_gradients_after_eval_match_dequantized_reference(tiny_model_dir, m
         torch.testing.assert_close(grad, reference[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.filterwarnings("ignore:bitsandbytes::gemv_4bit:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered:UserWarning")
 def test_without_the_fix_gradients_after_eval_are_wrong(tiny_model_dir, monkeypatch):
     grads, reference = _eval_then_train_grads(tiny_model_dir, monkeypatch, keep_repacking=True)
     worst = max(((grads[n] - reference[n]).norm() / reference[n].norm()).item() for n in grads)
