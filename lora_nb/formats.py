@@ -1,0 +1,448 @@
+"""Formats: read and write settings in the forms users meet, and write them as Python code.
+
+Forms:
+
+- ``kit``: the kit's own YAML, every :class:`~lora_nb.settings.KitSettings` field, each key preceded by a
+  ``# help (type: ..., default: ...)`` comment generated from the field metadata;
+- ``axolotl``: axolotl's flat keys (``adapter: lora``, ``lora_r``, ``lora_target_linear``, ``micro_batch_size``...);
+- ``lora``: a nested ``lora:`` section whose keys are ``peft.LoraConfig`` arguments;
+- ``peft``: peft's ``adapter_config.json``.
+
+:func:`load_settings` detects the form. Keys the kit does not know are returned in
+``LoadResult.unknown_keys`` (never dropped silently, never an error); empty values mean "default".
+:func:`save_settings` writes atomically and returns what the chosen form could not carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+
+from lora_nb.errors import ConfigFileError, SettingsError
+from lora_nb.settings import SECTIONS, KitSettings, LoraSettings, field_specs, value_problems
+
+Form = Literal["kit", "axolotl", "lora", "peft"]
+FORMS: tuple[Form, ...] = ("kit", "axolotl", "lora", "peft")
+
+# axolotl key -> (kit section or "" for top level, kit field)
+AXOLOTL_KEYS: dict[str, tuple[str, str]] = {
+    "base_model": ("", "model_name_or_path"),
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "lora_alpha"),
+    "lora_dropout": ("lora", "lora_dropout"),
+    "lora_fan_in_fan_out": ("lora", "fan_in_fan_out"),
+    "lora_modules_to_save": ("lora", "modules_to_save"),
+    "peft_layers_to_transform": ("lora", "layers_to_transform"),
+    "peft_layers_pattern": ("lora", "layers_pattern"),
+    "peft_use_dora": ("lora", "use_dora"),
+    "peft_use_rslora": ("lora", "use_rslora"),
+    "sequence_len": ("train", "max_seq_length"),
+    "micro_batch_size": ("train", "per_device_train_batch_size"),
+    "gradient_accumulation_steps": ("train", "gradient_accumulation_steps"),
+    "num_epochs": ("train", "num_train_epochs"),
+    "max_steps": ("train", "max_steps"),
+    "learning_rate": ("train", "learning_rate"),
+    "lr_scheduler": ("train", "lr_scheduler_type"),
+    "warmup_steps": ("train", "warmup_steps"),
+    "warmup_ratio": ("train", "warmup_ratio"),
+    "weight_decay": ("train", "weight_decay"),
+    "max_grad_norm": ("train", "max_grad_norm"),
+    "optimizer": ("train", "optim"),
+    "gradient_checkpointing": ("train", "gradient_checkpointing"),
+    "seed": ("train", "seed"),
+    "logging_steps": ("train", "logging_steps"),
+    "eval_steps": ("train", "eval_steps"),
+    "save_steps": ("train", "save_steps"),
+    "save_total_limit": ("train", "save_total_limit"),
+    "group_by_length": ("train", "group_by_length"),
+}
+# axolotl keys read by hand: what they mean needs more than a rename.
+AXOLOTL_SPECIAL = ("adapter", "lora_target_linear", "lora_target_modules", "load_in_4bit", "load_in_8bit",
+                   "train_on_inputs", "bf16", "fp16")
+# peft bookkeeping keys of adapter_config.json that are not training settings.
+PEFT_BOOKKEEPING = ("peft_type", "peft_version", "auto_mapping", "inference_mode", "base_model_name_or_path")
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_settings` read.
+
+    Attributes:
+        settings: The settings (checked for types and ranges, not against a model).
+        unknown_keys: Keys of the file the kit does not use, with their values (``lora.x`` for nested ones).
+        form: The detected form: ``kit``, ``axolotl``, ``lora`` or ``peft``.
+    """
+
+    settings: KitSettings
+    unknown_keys: dict[str, Any]
+    form: Form
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_settings(source: str | os.PathLike) -> LoadResult:
+    """Reads settings from a file or from YAML/JSON text, detecting the form.
+
+    Args:
+        source: A path (``Path``, or a one-line string naming a file or ending in .yaml/.yml/.json),
+            or the text itself.
+
+    Returns:
+        The settings, the keys kept aside, and the form.
+
+    Raises:
+        ConfigFileError: When the file is missing, is not YAML/JSON, is not a mapping or its form is unknown.
+        SettingsError: When values have the wrong type or range (the message names the key and value).
+    """
+    return settings_from_mapping(_parse(_read(source)))
+
+
+def settings_from_mapping(data: Any) -> LoadResult:
+    """Builds settings from an already parsed mapping in any form (see :func:`detect_form`).
+
+    Raises:
+        ConfigFileError: When ``data`` is not a mapping or its form is unknown.
+        SettingsError: When values have the wrong type or range.
+    """
+    form = detect_form(data)
+    settings, unknown = _READERS[form](data)
+    settings.check(check_environment=False)
+    return LoadResult(settings=settings, unknown_keys=unknown, form=form)
+
+
+def detect_form(data: Any) -> Form:
+    """Tells which form a parsed mapping is in.
+
+    ``peft`` has ``peft_type``; ``kit`` has a ``quant`` or ``train`` section or ``model_name_or_path``;
+    ``lora`` has a ``lora:`` mapping; ``axolotl`` has ``adapter`` or ``lora_*`` keys.
+
+    Raises:
+        ConfigFileError: When ``data`` is not a mapping or matches no form.
+    """
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"settings must be a mapping of keys to values, got {type(data).__name__}: {data!r:.80}")
+    keys = {k for k in data if isinstance(k, str)}
+    if "peft_type" in keys:
+        return "peft"
+    if keys & {"quant", "train", "model_name_or_path"}:
+        return "kit"
+    if isinstance(data.get("lora"), dict):
+        return "lora"
+    if keys & ({"adapter"} | set(AXOLOTL_SPECIAL) | {k for k in AXOLOTL_KEYS if k.startswith(("lora_", "peft_"))}):
+        return "axolotl"
+    raise ConfigFileError(f"cannot tell the settings form from the keys {sorted(map(str, data))[:12]}: expected the "
+                          "kit's sections (lora/quant/train), an axolotl file (adapter, lora_r, ...), a 'lora:' "
+                          "section, or a peft adapter_config.json (peft_type)")
+
+
+def _read(source: str | os.PathLike) -> str:
+    if isinstance(source, os.PathLike) or _looks_like_path(source):
+        try:
+            return Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigFileError(f"cannot read settings file {str(source)!r}: {err}") from err
+    if not isinstance(source, str):
+        raise ConfigFileError(f"expected a path or YAML/JSON text, got {type(source).__name__}")
+    return source
+
+
+def _looks_like_path(source: Any) -> bool:
+    return (isinstance(source, str) and "\n" not in source
+            and (source.endswith((".yaml", ".yml", ".json")) or os.path.isfile(source)))
+
+
+def _parse(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigFileError(f"the settings are not valid YAML/JSON: {err}") from err
+    except RecursionError as err:
+        raise ConfigFileError("the settings are nested too deeply to be read") from err
+
+
+def _read_kit(data: dict) -> tuple[KitSettings, dict[str, Any]]:
+    unknown = {str(k): v for k, v in data.items() if k not in ("model_name_or_path", *SECTIONS)}
+    known: dict[str, Any] = {k: v for k, v in data.items() if k not in unknown and v is not None}
+    for name, cls in SECTIONS.items():
+        section = known.get(name)
+        if isinstance(section, dict):
+            fields = {s.name for s in field_specs(cls)}
+            unknown |= {f"{name}.{k}": v for k, v in section.items() if k not in fields}
+            known[name] = {k: v for k, v in section.items() if k in fields and v is not None}
+    return KitSettings.from_dict(known), unknown
+
+
+def _read_axolotl(data: dict) -> tuple[KitSettings, dict[str, Any]]:
+    values: dict[str, dict[str, Any]] = {"": {}, "lora": {}, "quant": {}, "train": {}}
+    unknown: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in data.items():
+        if key in AXOLOTL_KEYS and value is not None:
+            section, name = AXOLOTL_KEYS[key]
+            value = _coerce_number(value, SECTIONS.get(section, KitSettings), name)
+            problems += value_problems(SECTIONS.get(section, KitSettings), name, value, label=key)
+            values[section][name] = value
+        elif key not in AXOLOTL_KEYS and key not in AXOLOTL_SPECIAL:
+            unknown[str(key)] = value
+    problems += _read_axolotl_special(data, values)
+    if problems:
+        raise SettingsError(problems)
+    return KitSettings.from_dict({**values.pop(""), **values}), unknown
+
+
+def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
+    problems = []
+    for key in AXOLOTL_SPECIAL:
+        if key == "lora_target_modules":
+            continue
+        value = data.get(key)
+        allowed = ("lora", "qlora", None) if key == "adapter" else ("auto", True, False, None) if key == "bf16" else (True, False, None)
+        if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
+            problems.append(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    targets = data.get("lora_target_modules")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        problems.append(f"lora_target_modules must be a list of module names, got {targets!r}")
+    if problems:
+        return problems
+    if data.get("lora_target_linear"):
+        values["lora"]["target_modules"] = "all-linear"
+    elif targets:
+        values["lora"]["target_modules"] = list(targets)
+    if data.get("load_in_4bit") and data.get("load_in_8bit"):
+        return ["load_in_4bit and load_in_8bit are both true: choose one"]
+    four = data.get("load_in_4bit") or data.get("adapter") == "qlora"
+    values["quant"]["load_in"] = "4bit" if four else "8bit" if data.get("load_in_8bit") else "none"
+    if data.get("train_on_inputs") is not None:
+        values["train"]["train_on_responses_only"] = not data["train_on_inputs"]
+    precision = {"auto": "auto", True: "bf16"}.get(data.get("bf16"), "fp16" if data.get("fp16") else None)
+    if precision is None and (data.get("bf16") is False or data.get("fp16") is False):
+        precision = "fp32"
+    if precision is not None:
+        values["train"]["precision"] = precision
+    return []
+
+
+def _coerce_number(value: Any, cls: type, name: str) -> Any:
+    """pyyaml reads '2e-4' as text (YAML 1.1): read it as a number for number fields."""
+    spec = next(s for s in field_specs(cls) if s.name == name)
+    if spec.type is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _read_lora(data: dict) -> tuple[KitSettings, dict[str, Any]]:
+    unknown = {str(k): v for k, v in data.items() if k != "lora"}
+    lora, more = _lora_from_peft_kwargs(data["lora"], "lora.")
+    return KitSettings(lora=lora), unknown | more
+
+
+def _read_peft(data: dict) -> tuple[KitSettings, dict[str, Any]]:
+    if data.get("peft_type") != "LORA":
+        raise ConfigFileError(f"peft_type must be 'LORA' for a LoRA adapter config, got {data.get('peft_type')!r}")
+    kwargs = {k: v for k, v in data.items() if k not in PEFT_BOOKKEEPING}
+    lora, unknown = _lora_from_peft_kwargs(kwargs, "")
+    model = data.get("base_model_name_or_path")
+    top = {"model_name_or_path": model} if model is not None else {}
+    return KitSettings(**top, lora=lora), unknown
+
+
+def _lora_from_peft_kwargs(kwargs: Any, prefix: str) -> tuple[LoraSettings, dict[str, Any]]:
+    """LoRA settings from ``peft.LoraConfig`` keyword arguments; other non-default arguments are returned aside."""
+    import peft
+
+    if not isinstance(kwargs, dict):
+        raise ConfigFileError(f"{prefix or 'the adapter config'} must be a mapping, got {type(kwargs).__name__}")
+    own = {s.name for s in field_specs(LoraSettings)}
+    peft_defaults = {f.name: f.default for f in dataclasses.fields(peft.LoraConfig)
+                     if f.default is not dataclasses.MISSING}
+    values: dict[str, Any] = {}
+    unknown: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "loftq_config":
+            if isinstance(value, dict) and "loftq_bits" in value:
+                values["loftq_bits"] = value["loftq_bits"]
+        elif key == "init_lora_weights":
+            values[key] = "default" if value is True else value
+        elif key == "target_modules" and isinstance(value, list) and prefix == "":
+            values[key] = sorted(value, key=str)  # peft stores a set: its order means nothing
+        elif key in own:
+            if value is not None:
+                values[key] = value
+        elif not (key in peft_defaults and _is_default(value, peft_defaults[key])):
+            unknown[f"{prefix}{key}"] = value
+    return dataclasses.replace(LoraSettings(), **{k: _coerce_number(v, LoraSettings, k) for k, v in values.items()}), unknown
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value == default or (value in ({}, []) and default is None)
+
+
+_READERS: dict[Form, Callable[[dict], tuple[KitSettings, dict[str, Any]]]] = {
+    "kit": _read_kit, "axolotl": _read_axolotl, "lora": _read_lora, "peft": _read_peft,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_settings(settings: KitSettings, path: str | os.PathLike, form: Form = "kit") -> list[str]:
+    """Writes settings to a file atomically (a temporary file, then ``os.replace``).
+
+    Args:
+        settings: The settings to write.
+        path: Destination file.
+        form: ``kit`` (full, commented), ``axolotl``, ``lora`` or ``peft`` (adapter_config.json).
+
+    Returns:
+        The settings the form cannot carry (``lora.bias='all'`` ...): reading the file back gives
+        their defaults instead. Empty for the kit form.
+
+    Raises:
+        SettingsError: When the settings are invalid or the form is unknown.
+        ConfigFileError: When the file cannot be written.
+    """
+    text = dump_settings(settings, form)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise ConfigFileError(f"cannot write settings file {str(path)!r}: {err}") from err
+    return lost_in_form(settings, form)
+
+
+def dump_settings(settings: KitSettings, form: Form = "kit") -> str:
+    """The text :func:`save_settings` writes.
+
+    Raises:
+        SettingsError: When the settings are invalid or the form is unknown.
+    """
+    if form not in _WRITERS:
+        raise SettingsError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    settings.check(check_environment=False)
+    return _WRITERS[form](settings)
+
+
+def lost_in_form(settings: KitSettings, form: Form) -> list[str]:
+    """Settings that differ from what reading ``dump_settings(settings, form)`` back gives."""
+    back = _flat(settings_from_mapping(_parse(dump_settings(settings, form))).settings.to_dict())
+    return [f"{key}={value!r}" for key, value in _flat(settings.to_dict()).items() if back[key] != value]
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flattens nested settings to ``section.field`` keys; target lists sorted, as peft keeps a set."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = sorted(value) if key == "target_modules" and isinstance(value, list) else value
+    return flat
+
+
+def _write_kit(settings: KitSettings) -> str:
+    lines = ["# lora-nb settings. Each key follows its help: what it does (type, default).", ""]
+    lines += _commented_fields(settings, "")
+    for name in SECTIONS:
+        lines += ["", f"{name}:"] + _commented_fields(getattr(settings, name), "  ")
+    return "\n".join(lines) + "\n"
+
+
+def _commented_fields(obj: Any, indent: str) -> list[str]:
+    lines = []
+    for spec in field_specs(obj):
+        if spec.name in SECTIONS:
+            continue
+        comment = f"{spec.help} (type: {spec.type_name}, default: {spec.default!r})"
+        lines += textwrap.wrap(comment, width=100, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ",
+                               break_on_hyphens=False)
+        lines.append(indent + _yaml_line(spec.name, getattr(obj, spec.name)))
+    return lines
+
+
+def _yaml_line(key: str, value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6)
+    return f"{key}: {text.removesuffix(chr(10)).removesuffix('...').strip()}"
+
+
+def _write_axolotl(settings: KitSettings) -> str:
+    lora, train = settings.lora, settings.train
+    data: dict[str, Any] = {
+        "base_model": settings.model_name_or_path,
+        "adapter": "qlora" if settings.quant.load_in == "4bit" else "lora",
+        "load_in_4bit": settings.quant.load_in == "4bit",
+        "load_in_8bit": settings.quant.load_in == "8bit",
+    }
+    if lora.target_modules == "all-linear":
+        data["lora_target_linear"] = True
+    else:
+        data["lora_target_modules"] = list(lora.target_modules)
+    for key, (section, name) in AXOLOTL_KEYS.items():
+        if section == "lora":
+            data[key] = getattr(lora, name)
+        elif section == "train":
+            data[key] = getattr(train, name)
+    data["train_on_inputs"] = not train.train_on_responses_only
+    data |= {"auto": {"bf16": "auto"}, "bf16": {"bf16": True}, "fp16": {"fp16": True},
+             "fp32": {"bf16": False, "fp16": False}}[train.precision]
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def _write_lora(settings: KitSettings) -> str:
+    kwargs = _plain_peft_kwargs(settings.lora)
+    return yaml.safe_dump({"lora": kwargs}, sort_keys=False, default_flow_style=False)
+
+
+def _plain_peft_kwargs(lora: LoraSettings) -> dict[str, Any]:
+    kwargs = lora.peft_kwargs()
+    if "loftq_config" in kwargs:
+        kwargs["loftq_config"] = dataclasses.asdict(kwargs["loftq_config"])
+    return kwargs
+
+
+def _write_peft(settings: KitSettings) -> str:
+    data = settings.to_peft().to_dict()
+    data["base_model_name_or_path"] = settings.model_name_or_path
+    data = {k: sorted(v, key=str) if isinstance(v, set) else v for k, v in data.items()}
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
+_WRITERS: dict[str, Callable[[KitSettings], str]] = {
+    "kit": _write_kit, "axolotl": _write_axolotl, "lora": _write_lora, "peft": _write_peft,
+}
+
+
+def to_python(settings: KitSettings | LoraSettings, model: Any = None) -> str:
+    """Python code that builds the same ``peft.LoraConfig`` as ``settings.to_peft(model)``.
+
+    Args:
+        settings: Kit or LoRA settings.
+        model: The base model, to write 'all-linear' as its explicit layer names.
+
+    Returns:
+        A snippet defining ``lora_config``.
+    """
+    lora = settings.lora if isinstance(settings, KitSettings) else settings
+    kwargs = lora.peft_kwargs(model)
+    names = "LoftQConfig, LoraConfig" if "loftq_config" in kwargs else "LoraConfig"
+    args = "".join(f"    {key}={value!r},\n" for key, value in kwargs.items())
+    return f"from peft import {names}\n\nlora_config = LoraConfig(\n{args})\n"

@@ -1,0 +1,85 @@
+"""Presets: named starting points, each saying where its values come from.
+
+``get_preset(name)`` returns a fresh copy, so changing it does not change the preset.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from lora_nb.errors import SettingsError
+from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+
+_LLAMA_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of settings.
+
+    Attributes:
+        description: One line: what it is and where it comes from.
+        settings: The settings (use :func:`get_preset` for a copy you may change).
+    """
+
+    description: str
+    settings: KitSettings
+
+
+PRESETS: dict[str, Preset] = {
+    "axolotl-llama3": Preset(
+        "axolotl's default Llama 3 LoRA (reference/axolotl-llama3-lora.md): r 32, alpha 16, dropout 0.05, "
+        "all linear layers (lora_target_linear: true).",
+        KitSettings(lora=LoraSettings(r=32, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear"),
+                    quant=QuantSettings(load_in="none")),
+    ),
+    "lora-section": Preset(
+        "The nested 'lora:' section example (reference/lora-section.md): r 32, alpha 16, dropout 0.1, "
+        "q/k/v/o and the three MLP projections.",
+        KitSettings(lora=LoraSettings(r=32, lora_alpha=16, lora_dropout=0.1, target_modules=list(_LLAMA_NAMES)),
+                    quant=QuantSettings(load_in="none")),
+    ),
+    "qlora-walkthrough": Preset(
+        "The classic Llama-2 QLoRA walkthrough (reference/llama2-qlora-walkthrough.md): 4-bit base, r 8, "
+        "alpha 32, dropout 0.05, q_proj and v_proj, lr 2e-4.",
+        KitSettings(lora=LoraSettings(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
+                    quant=QuantSettings(load_in="4bit", bnb_4bit_compute_dtype="float16"),
+                    train=TrainSettings(learning_rate=2e-4, per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=4)),
+    ),
+    "encyclopedia-all-linear": Preset(
+        "The LoRA parameters encyclopedia's advice (reference/lora-parameters-encyclopedia.md): r 16, "
+        "alpha 16 (1x r), all linear layers, dropout 0, lr 2e-4, weight decay 0.01, 5% warmup, 1 epoch.",
+        KitSettings(lora=LoraSettings(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"),
+                    quant=QuantSettings(load_in="none"),
+                    train=TrainSettings(learning_rate=2e-4, weight_decay=0.01, warmup_ratio=0.05,
+                                        num_train_epochs=1.0, lr_scheduler_type="linear")),
+    ),
+    "demo-cpu": Preset(
+        "The recipe measured on the demo model on CPU (FACTS.md): r 16, alpha 32, dropout 0, all linear, "
+        "AdamW lr 1e-3, 10% warmup then linear decay, clip 1.0, batch 8, 20 steps, no quantization, seed 42.",
+        KitSettings(lora=LoraSettings(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
+                    quant=QuantSettings(load_in="none"),
+                    train=TrainSettings(learning_rate=1e-3, optim="adamw_torch", warmup_ratio=0.1,
+                                        lr_scheduler_type="linear", max_grad_norm=1.0,
+                                        per_device_train_batch_size=8, max_steps=20, seed=42, logging_steps=1)),
+    ),
+}
+
+
+def get_preset(name: str) -> KitSettings:
+    """A fresh copy of a preset's settings.
+
+    Args:
+        name: One of :data:`PRESETS`.
+
+    Returns:
+        The settings, safe to change.
+
+    Raises:
+        SettingsError: When no preset has that name (the message lists the names).
+    """
+    if not isinstance(name, str) or name not in PRESETS:
+        raise SettingsError(f"no preset named {name!r}: choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name].settings)
