@@ -1,0 +1,858 @@
+"""Widgets: the LoRA configurator, where every knob of a run is picked with its explanation beside it.
+
+:class:`LoraConfigurator` is generated from the settings fields (:func:`lora_nb.settings.field_specs`):
+numbers with a range become sliders (log scale when the range spans decades, as the learning
+rate's), ``Literal`` choices dropdowns, booleans checkboxes, anything else a text box read as YAML.
+Each control carries its help text as a tooltip and behind a "?" toggle. One ``observe`` handler
+writes the changed value back into a draft :class:`~lora_nb.settings.KitSettings` and re-validates;
+a live panel then shows the exact trainable-parameter count, the memory estimate by part, advice and
+problems. A bad combination is shown as an error in the panel, never raised out of a handler.
+
+Layout::
+
+    [model]  [preset v]
+    ┌ LoRA ┬ Targets ┬ Quantization ┬ Training ┬ Export ┐     live panel: trainable / memory /
+    │ r ──●──── 16 [?]   ...                            │     warnings / errors
+    └───────────────────────────────────────────────────┘
+
+Where widgets cannot render (a notebook run headless, a terminal), the configurator's text/plain
+form is a readable summary of the settings and the counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import html
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import ipywidgets as W
+import yaml
+
+from lora_nb.errors import LoraNbError, SettingsError
+from lora_nb.settings import ALL_LINEAR, SECTIONS, FieldSpec, KitSettings, LoraSettings, field_specs
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+    import peft
+    import torch.nn
+
+    from lora_nb.targets import Targets
+
+SLIDER_SPAN = 4096  # int ranges up to this wide become sliders; wider ones (seeds, sequence lengths) text boxes
+LOG_DECADES = 3  # positive float ranges spanning this many powers of ten or more get a log-scale slider
+EXPORT_FORMS = ("kit", "axolotl", "lora", "peft", "python")
+EXPORT_FILES = {  # default file names in the run folder, one per export form
+    "kit": "configured.yaml", "axolotl": "configured-axolotl.yaml", "lora": "configured-lora.yaml",
+    "peft": "adapter_config.json", "python": "configured_lora.py",
+}
+EXPORT_TITLES = {"kit": "kit YAML", "axolotl": "axolotl YAML", "lora": "lora: YAML", "peft": "peft JSON",
+                 "python": "Python"}
+TAB_TITLES = ("LoRA", "Targets", "Quantization", "Training", "Export")
+_NO_PRESET = "(choose a preset)"
+_WIDE = W.Layout(width="460px")
+_STYLE = {"description_width": "170px"}
+
+Key = tuple[str, str]  # (section, field), section "" for KitSettings' own fields
+
+
+class LoraConfigurator:
+    """A ``display()``-able configurator of every LoRA, quantization and training setting.
+
+    Args:
+        model: The base model (before ``get_peft_model``). With it, targets are picked from its layers
+            and the trainable count and memory estimate are live; without it, targets are typed as text.
+        settings: Starting settings; default ``KitSettings()``. Copied, never changed in place.
+        run_dir: Folder where the export buttons save files by default (``runs`` of the repository;
+            a notebook in ``notebooks/`` passes ``"../runs"``).
+
+    Attributes:
+        widget: The root ipywidgets container (what ``display(configurator)`` shows).
+        controls: ``"lora.r"``-style key -> the control generated for that field.
+        errors: Problems of the current draft (shown in the panel; empty when valid).
+        warnings: Advice on the current draft.
+        trainable: ``(trainable, total)`` parameters of the current draft, or None.
+        memory: The :class:`~lora_nb.estimate.MemoryEstimate` of the current draft, or None.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, settings: KitSettings | None = None,
+                 run_dir: str | Path = "runs"):
+        self.model = model
+        self.run_dir = Path(run_dir)
+        self._draft = copy.deepcopy(settings) if settings is not None else KitSettings()
+        self._targets = _find_targets(model)
+        self._quiet = False  # True while the code (not the user) sets control values
+        self._parse_errors: dict[Key, str] = {}
+        self._keys: dict[int, Key] = {}  # id(widget) -> the field it edits
+        self._help: dict[int, W.HTML] = {}  # id("?" toggle) -> its help panel
+        self.controls: dict[str, W.Widget] = {}
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.trainable: tuple[int, int] | None = None
+        self.memory: Any = None
+        self.message = ""  # result of the last button action (save, load, preset)
+        self.widget = self._build()
+        self._write_controls()
+        self._refresh()
+
+    # ---------------------------------------------------------------------------------------------
+    # Public API
+    # ---------------------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> KitSettings:
+        """The validated settings shown in the widgets (a copy).
+
+        Raises:
+            SettingsError: Listing every problem, when the current choice is invalid.
+        """
+        problems = list(self._parse_errors.values()) + self._draft.problems(self.model)
+        if problems:
+            raise SettingsError(problems)
+        return copy.deepcopy(self._draft)
+
+    @settings.setter
+    def settings(self, settings: KitSettings) -> None:
+        self.set_settings(settings)
+
+    @property
+    def draft(self) -> KitSettings:
+        """The settings as currently shown, valid or not (a copy)."""
+        return copy.deepcopy(self._draft)
+
+    def set_settings(self, settings: KitSettings) -> None:
+        """Shows ``settings`` in every control (invalid values are kept and reported in the panel)."""
+        self._draft = copy.deepcopy(settings)
+        self._parse_errors.clear()
+        self._write_controls()
+        self._refresh()
+
+    def peft_config(self) -> peft.LoraConfig:
+        """The ``peft.LoraConfig`` of the validated settings ('all-linear' expanded when a model is known).
+
+        Raises:
+            SettingsError: When the settings are invalid.
+        """
+        return self.settings.to_peft(self.model)
+
+    def apply(self, model: torch.nn.Module | None = None) -> peft.PeftModel:
+        """Wraps a model with the chosen adapter (``peft.get_peft_model``).
+
+        Args:
+            model: The base model; default the configurator's own model.
+
+        Returns:
+            The peft model; only the adapter (and ``modules_to_save``) is trainable.
+
+        Raises:
+            SettingsError: When the settings are invalid, or no model is known.
+        """
+        import warnings
+
+        import peft
+
+        model = model if model is not None else self.model
+        if model is None:
+            raise SettingsError("apply() needs a model: pass one, or give the configurator one")
+        settings = self.settings
+        settings.lora.check(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, settings.to_peft(model))
+
+    def apply_preset(self, name: str) -> None:
+        """Shows the preset ``name`` (from :mod:`lora_nb.presets`); the model name is kept."""
+        preset = _preset_settings(name)
+        preset.model_name_or_path = self._draft.model_name_or_path
+        self.set_settings(preset)
+        self.message = f"preset {name!r} applied"
+        self._show_message()
+
+    def export_text(self, form: str) -> str:
+        """The current settings as text: ``kit``, ``axolotl``, ``lora`` (YAML), ``peft`` (JSON) or ``python``.
+
+        Raises:
+            SettingsError: When the settings are invalid or the form is unknown.
+        """
+        from lora_nb import formats
+
+        settings = self.settings
+        if form == "python":
+            return formats.to_python(settings, self.model)
+        return formats.dump_settings(settings, form)
+
+    def save(self, form: str = "kit", path: str | Path | None = None) -> Path:
+        """Saves the current settings in one form.
+
+        Args:
+            form: One of :data:`EXPORT_FORMS`.
+            path: Destination; default the run folder's file for that form (``runs/configured.yaml`` ...).
+
+        Returns:
+            The path written.
+
+        Raises:
+            SettingsError: When the settings are invalid.
+            ConfigFileError: When the file cannot be written.
+        """
+        from lora_nb import formats
+
+        path = Path(path) if path is not None else self.run_dir / EXPORT_FILES[form]
+        if form == "python":
+            text = self.export_text(form)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        formats.save_settings(self.settings, path, form)
+        return path
+
+    def load(self, source: str | Path) -> list[str]:
+        """Reads settings from a file (any form :func:`lora_nb.formats.load_settings` knows) into the widgets.
+
+        Returns:
+            Keys of the file the kit does not use (shown as a warning, not dropped silently).
+
+        Raises:
+            ConfigFileError, SettingsError: When the file cannot be read or holds invalid values.
+        """
+        from lora_nb import formats
+
+        result = formats.load_settings(Path(source))
+        self.set_settings(result.settings)
+        return list(result.unknown_keys)
+
+    def summary(self) -> str:
+        """A plain-text summary: model, main settings, trainable count, memory, warnings and errors."""
+        s = self._draft
+        lo, qu, tr = s.lora, s.quant, s.train
+        targets = lo.target_modules if lo.target_modules == ALL_LINEAR else ", ".join(map(str, lo.target_modules))
+        layers = "every block" if lo.layers_to_transform is None else f"blocks {lo.layers_to_transform}"
+        lines = [
+            f"LoRA configurator for {s.model_name_or_path}",
+            f"  LoRA:     r={lo.r}, lora_alpha={lo.lora_alpha} ({_scale(lo)}), dropout={lo.lora_dropout:g}, "
+            f"bias={lo.bias}, use_rslora={lo.use_rslora}, use_dora={lo.use_dora}",
+            f"  targets:  {targets} ({layers})",
+            f"  quant:    load_in={qu.load_in}" + (f", {qu.bnb_4bit_quant_type}" if qu.load_in == "4bit" else ""),
+            f"  training: lr={_num(tr.learning_rate)}, epochs={_num(tr.num_train_epochs)}, max_steps={tr.max_steps}, "
+            f"batch={tr.per_device_train_batch_size} x {tr.gradient_accumulation_steps}, optim={tr.optim}",
+        ]
+        if self.trainable is not None:
+            lines.append(f"  trainable parameters: {_trainable_text(*self.trainable)}")
+        if self.memory is not None:
+            parts = ", ".join(f"{k} {_mib(v)}" for k, v in self.memory.parts.items())
+            lines.append(f"  memory estimate: {_mib(self.memory.total_bytes)} ({parts})")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        lines += [f"  error: {e}" for e in self.errors]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.summary())
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widget view where widgets render, with the text summary as text/plain everywhere else."""
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = self.summary()
+        return bundle
+
+    # ---------------------------------------------------------------------------------------------
+    # Building the widgets from the field specs
+    # ---------------------------------------------------------------------------------------------
+
+    def _build(self) -> W.Widget:
+        lora_specs = field_specs(LoraSettings)
+        target_names = {"target_modules", "layers_to_transform"} if self._targets is not None else set()
+        lora_tab = self._field_rows("lora", [s for s in lora_specs if s.group != "targets"])
+        targets_tab = W.VBox(
+            ([self._target_picker()] if self._targets is not None else [])
+            + [self._field_rows("lora", [s for s in lora_specs if s.group == "targets" and s.name not in target_names])])
+        tabs = W.Tab(children=[lora_tab, targets_tab, self._field_rows("quant", field_specs(SECTIONS["quant"])),
+                               self._field_rows("train", field_specs(SECTIONS["train"])), self._export_area()])
+        tabs.titles = TAB_TITLES
+        tabs.add_class("lora-nb-tabs")
+        tabs.observe(self._on_change, names="selected_index")  # exports are written when their tab opens
+        self._tabs = tabs
+
+        model_spec = next(s for s in field_specs(KitSettings) if s.name == "model_name_or_path")
+        model_row = self._field_row("", model_spec)
+        self._preset = W.Dropdown(options=[_NO_PRESET, *_preset_names()], description="preset",
+                                  tooltip="Fill every setting from a named preset (lora_nb.presets)",
+                                  style=_STYLE, layout=_WIDE)
+        self._preset.disabled = len(self._preset.options) == 1
+        self._preset.add_class("lora-nb-preset")
+        self._preset.observe(self._on_change, names="value")
+
+        self._trainable_html = _html("lora-nb-trainable")
+        self._memory_html = _html("lora-nb-memory")
+        self._warnings_html = _html("lora-nb-warnings")
+        self._errors_html = _html("lora-nb-errors")
+        self._message_html = _html("lora-nb-message")
+        panel = W.VBox([W.HTML("<b>Live check</b>"), self._trainable_html, self._memory_html,
+                        self._warnings_html, self._errors_html, self._message_html],
+                       layout=W.Layout(width="400px", border="1px solid #ccc", padding="6px"))
+        panel.add_class("lora-nb-panel")
+        root = W.VBox([W.VBox([model_row, self._preset]), W.HBox([tabs, panel])])
+        root.add_class("lora-nb-configurator")
+        return root
+
+    def _field_rows(self, section: str, specs: Sequence[FieldSpec]) -> W.VBox:
+        rows: list[W.Widget] = []
+        group = None
+        for spec in specs:
+            if spec.group != group:
+                group = spec.group
+                rows.append(W.HTML(f"<b>{html.escape(group)}</b>"))
+            rows.append(self._field_row(section, spec))
+        return W.VBox(rows)
+
+    def _field_row(self, section: str, spec: FieldSpec) -> W.Widget:
+        control = _control_for(spec)
+        name = f"{section}.{spec.name}" if section else spec.name
+        control.add_class(f"lora-nb-{spec.name.replace('_', '-')}")
+        self._register(control, (section, spec.name))
+        self.controls[name] = control
+        toggle = W.ToggleButton(value=False, description="?", tooltip=f"Explain {name}",
+                                layout=W.Layout(width="32px"))
+        toggle.add_class("lora-nb-help-toggle")
+        panel = W.HTML(_help_html(spec), layout=W.Layout(display="none", width="500px"))
+        panel.add_class("lora-nb-help")
+        self._help[id(toggle)] = panel
+        toggle.observe(self._on_change, names="value")
+        return W.VBox([W.HBox([control, toggle]), panel])
+
+    def _register(self, control: W.Widget, key: Key) -> None:
+        self._keys[id(control)] = key
+        control.observe(self._on_change, names="value")
+
+    def _target_picker(self) -> W.Widget:
+        t = self._targets
+        self._all_linear = W.Checkbox(description="all linear (every linear layer but the output head)",
+                                      indent=False, tooltip="target_modules='all-linear'")
+        self._all_linear.add_class("lora-nb-all-linear")
+        self._register(self._all_linear, ("lora", "target_modules"))
+        self._target_boxes: dict[str, W.Checkbox] = {}
+        groups = []
+        for group, names in (("attention", t.attention), ("MLP", t.mlp), ("other", t.other)):
+            boxes = []
+            for n in names:
+                if n in self._target_boxes:  # a name in two groups (GPT-2 c_proj) gets one box
+                    continue
+                shapes = ", ".join(f"{i}->{o}" for i, o in t.shapes[n])
+                box = W.Checkbox(description=n, indent=False, tooltip=f"{n}: {shapes}", layout=W.Layout(width="150px"))
+                box.add_class(f"lora-nb-target-{n.replace('_', '-')}")
+                self._register(box, ("lora", "target_modules"))
+                self._target_boxes[n] = box
+                boxes.append(box)
+            if boxes:
+                groups.append(W.VBox([W.HTML(f"<i>{group}</i>"), W.HBox(boxes, layout=W.Layout(flex_flow="row wrap"))]))
+        qv = _q_and_v(t)
+        buttons = []
+        for label, names, cls in (("attention only", t.attention, "attention"), ("q + v", qv, "qv"),
+                                  ("all linear", ALL_LINEAR, "all")):
+            button = W.Button(description=label, disabled=not names, tooltip=f"target_modules = {names!r}")
+            button.add_class(f"lora-nb-targets-{cls}")
+            button.on_click(lambda _b, names=names: self._set_field(("lora", "target_modules"), names))
+            buttons.append(button)
+        self.controls["lora.target_modules"] = self._all_linear
+        self._target_buttons = buttons
+
+        self._every_block = W.Checkbox(description="every block", indent=False,
+                                       tooltip="layers_to_transform = null: adapt all transformer blocks")
+        self._every_block.add_class("lora-nb-every-block")
+        self._blocks = W.SelectMultiple(options=list(range(t.n_layers)), rows=min(8, max(t.n_layers, 1)),
+                                        description="blocks", tooltip="Blocks to adapt (ctrl/shift-click)",
+                                        layout=W.Layout(width="200px"))
+        self._blocks.add_class("lora-nb-layers-to-transform")
+        for w in (self._every_block, self._blocks):
+            self._register(w, ("lora", "layers_to_transform"))
+        self.controls["lora.layers_to_transform"] = self._blocks
+        spec = next(s for s in field_specs(LoraSettings) if s.name == "layers_to_transform")
+        return W.VBox([
+            W.HTML("<b>targets</b> (layers found in the model; hover for shapes)"),
+            W.HBox(buttons), self._all_linear, *groups,
+            W.HTML(f"<b>layers_to_transform</b> ({t.n_layers} blocks in "
+                   f"<code>{html.escape(str(t.layers_pattern))}</code>)"),
+            W.HBox([self._every_block, self._blocks]), W.HTML(_help_html(spec)),
+        ])
+
+    def _export_area(self) -> W.Widget:
+        self._export_text: dict[str, W.Textarea] = {}
+        self._export_path: dict[str, W.Text] = {}
+        pages = []
+        for form in EXPORT_FORMS:
+            text = W.Textarea(layout=W.Layout(width="560px", height="300px"))
+            text.add_class(f"lora-nb-export-{form}")
+            path = W.Text(value=str(self.run_dir / EXPORT_FILES[form]), description="file", layout=_WIDE)
+            path.add_class(f"lora-nb-save-path-{form}")
+            button = W.Button(description=f"Save {EXPORT_TITLES[form]}", icon="save")
+            button.add_class(f"lora-nb-save-{form}")
+            button.on_click(lambda _b, form=form: self._on_save(form))
+            self._export_text[form], self._export_path[form] = text, path
+            pages.append(W.VBox([text, W.HBox([path, button])]))
+        self._save_buttons = {f: p.children[1].children[1] for f, p in zip(EXPORT_FORMS, pages)}
+        inner = W.Tab(children=pages)
+        inner.titles = tuple(EXPORT_TITLES[f] for f in EXPORT_FORMS)
+        self._load_path = W.Text(value=str(self.run_dir / EXPORT_FILES["kit"]), description="load file",
+                                 tooltip="A kit, axolotl, lora: YAML or peft JSON file", layout=_WIDE)
+        self._load_path.add_class("lora-nb-load-path")
+        self._load_button = W.Button(description="Load", icon="folder-open")
+        self._load_button.add_class("lora-nb-load")
+        self._load_button.on_click(lambda _b: self._on_load())
+        self._upload = W.FileUpload(accept=".yaml,.yml,.json", multiple=False, description="Upload")
+        self._upload.add_class("lora-nb-upload")
+        self._upload.observe(self._on_change, names="value")
+        return W.VBox([inner, W.HBox([self._load_path, self._load_button, self._upload])])
+
+    # ---------------------------------------------------------------------------------------------
+    # The one handler, and the actions of the buttons
+    # ---------------------------------------------------------------------------------------------
+
+    def _on_change(self, change: dict[str, Any]) -> None:
+        """Every control's value change: write it back into the draft, re-validate, refresh the panel."""
+        if self._quiet:
+            return
+        owner = change["owner"]
+        try:
+            if id(owner) in self._help:
+                self._help[id(owner)].layout.display = "block" if change["new"] else "none"
+                return
+            if owner is getattr(self, "_preset", None):
+                if change["new"] != _NO_PRESET:
+                    self._guard(lambda: self.apply_preset(change["new"]))
+                    with self._quietly():
+                        self._preset.value = _NO_PRESET
+                return
+            if owner is getattr(self, "_tabs", None):
+                if change["new"] == TAB_TITLES.index("Export"):
+                    self._show_exports()
+                return
+            if owner is getattr(self, "_upload", None):
+                self._guard(self._load_upload)
+                return
+            key = self._keys[id(owner)]
+            self._read_field(key, owner)
+            if key == ("lora", "target_modules") or key == ("lora", "layers_to_transform"):
+                self._write_field(key)  # keep the box states consistent (all-linear ticks every box)
+            self._refresh()
+        except Exception as err:  # a handler must never raise into the frontend
+            self.errors.append(f"internal error while updating: {type(err).__name__}: {err}")
+            self._show_panel()
+
+    def _guard(self, action: Any) -> None:
+        try:
+            action()
+        except (LoraNbError, ValueError, OSError) as err:
+            self.message = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            self._show_message()
+
+    def _on_save(self, form: str) -> None:
+        def save() -> None:
+            path = self.save(form, self._export_path[form].value)
+            self.message = f"saved {EXPORT_TITLES[form]} to <code>{html.escape(str(path))}</code>"
+            self._show_message()
+        self._guard(save)
+
+    def _on_load(self) -> None:
+        def load() -> None:
+            unknown = self.load(self._load_path.value)
+            self.message = f"loaded <code>{html.escape(self._load_path.value)}</code>" + (
+                f"; keys not used by the kit: {html.escape(', '.join(unknown))}" if unknown else "")
+            self._show_message()
+        self._guard(load)
+
+    def _load_upload(self) -> None:
+        from lora_nb import formats
+
+        files = self._upload.value
+        if not files:
+            return
+        item = files[0]
+        result = formats.load_settings(bytes(item["content"]).decode("utf-8"))
+        self.set_settings(result.settings)
+        self.message = f"loaded upload {html.escape(item['name'])}"
+        self._show_message()
+
+    def _set_field(self, key: Key, value: Any) -> None:
+        """A button's action: set one field, show it, re-validate."""
+        try:
+            _set(self._draft, key, copy.deepcopy(value))
+            self._parse_errors.pop(key, None)
+            self._write_field(key)
+            self._refresh()
+        except Exception as err:
+            self.errors.append(f"internal error while updating: {type(err).__name__}: {err}")
+            self._show_panel()
+
+    # ---------------------------------------------------------------------------------------------
+    # Controls <-> draft
+    # ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _quietly(self) -> Iterator[None]:
+        was, self._quiet = self._quiet, True
+        try:
+            yield
+        finally:
+            self._quiet = was
+
+    def _read_field(self, key: Key, owner: W.Widget) -> None:
+        self._parse_errors.pop(key, None)
+        if key == ("lora", "target_modules") and self._targets is not None:
+            if owner is self._all_linear:
+                value: Any = ALL_LINEAR if self._all_linear.value else [
+                    n for n, b in self._target_boxes.items() if b.value]
+            else:
+                value = [n for n, b in self._target_boxes.items() if b.value]
+        elif key == ("lora", "layers_to_transform") and self._targets is not None:
+            value = None if self._every_block.value else sorted(self._blocks.value)
+            if value == []:
+                self._parse_errors[key] = ("layers_to_transform: no block selected; pick at least one block "
+                                           "or tick 'every block'")
+                return
+        else:
+            spec = _spec(key)
+            try:
+                value = _from_control(spec, owner)
+            except ValueError as err:
+                self._parse_errors[key] = f"{_label(key)}: {err}"
+                return
+        _set(self._draft, key, value)
+
+    def _write_controls(self) -> None:
+        for key in {self._keys[i] for i in self._keys}:
+            self._write_field(key)
+
+    def _write_field(self, key: Key) -> None:
+        value = _get(self._draft, key)
+        with self._quietly():
+            if key == ("lora", "target_modules") and self._targets is not None:
+                every = value == ALL_LINEAR
+                self._all_linear.value = every
+                chosen = set(value) if isinstance(value, list) else set()
+                for n, box in self._target_boxes.items():
+                    box.value = every or n in chosen
+                    box.disabled = every
+            elif key == ("lora", "layers_to_transform") and self._targets is not None:
+                self._every_block.value = value is None
+                chosen = [value] if isinstance(value, int) else value or []
+                self._blocks.value = tuple(i for i in chosen if i in self._blocks.options)
+                self._blocks.disabled = value is None
+            else:
+                key_name = f"{key[0]}.{key[1]}" if key[0] else key[1]
+                _to_control(_spec(key), self.controls[key_name], value)
+
+    # ---------------------------------------------------------------------------------------------
+    # Validation and the live panel
+    # ---------------------------------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Re-validates the draft and recomputes counts, memory, warnings and the exports."""
+        from lora_nb.estimate import count_trainable, estimate_memory
+
+        draft = self._draft
+        errors = list(self._parse_errors.values())
+        try:
+            errors += draft.problems(self.model)
+        except Exception as err:
+            errors.append(f"could not check the settings: {err}")
+        warnings: list[str] = []
+        if not errors:
+            try:
+                warnings = draft.advice()
+            except Exception as err:
+                warnings = [f"could not compute advice: {err}"]
+        self.trainable, self.memory = None, None
+        if not errors and self.model is not None:
+            try:
+                self.trainable = count_trainable(self.model, draft.lora)
+                self.memory = estimate_memory(self.model, draft)
+            except Exception as err:
+                errors.append(f"could not count parameters: {err}")
+        self.errors, self.warnings = errors, warnings
+        self._show_panel()
+        if self._tabs.selected_index == TAB_TITLES.index("Export"):
+            self._show_exports()
+
+    def _show_panel(self) -> None:
+        if self.trainable is not None:
+            self._trainable_html.value = (f"<b>Trainable parameters:</b> "
+                                          f"<span class='lora-nb-trainable-count'>{_trainable_text(*self.trainable)}</span>")
+        elif self.model is None:
+            self._trainable_html.value = "<b>Trainable parameters:</b> give the configurator a model to count them"
+        else:
+            self._trainable_html.value = ("<b>Trainable parameters:</b> <span class='lora-nb-trainable-count'>"
+                                          "n/a</span> (fix the errors below)")
+        self._memory_html.value = _memory_html(self.memory) if self.memory is not None else ""
+        self._warnings_html.value = _list_html("Warnings", self.warnings, "#a60")
+        self._errors_html.value = _list_html("Errors", self.errors, "#b00")
+
+    def _show_message(self) -> None:
+        self._message_html.value = self.message
+
+    def _show_exports(self) -> None:
+        """Writes the export texts (only while the Export tab is open: each dump re-validates, ~0.1 s)."""
+        from lora_nb import formats
+
+        for form in EXPORT_FORMS:
+            if self.errors:
+                text = "# fix the errors first:\n" + "\n".join(f"# - {e}" for e in self.errors)
+            else:
+                try:
+                    text = (formats.to_python(self._draft, self.model) if form == "python"
+                            else formats.dump_settings(self._draft, form))
+                except Exception as err:
+                    text = f"# cannot export: {err}"
+            self._export_text[form].value = text
+            self._save_buttons[form].disabled = bool(self.errors)
+
+
+# -------------------------------------------------------------------------------------------------
+# Field spec -> control
+# -------------------------------------------------------------------------------------------------
+
+
+def _control_for(spec: FieldSpec) -> W.Widget:
+    """The control a field gets, from its type and range alone."""
+    common = {"description": spec.name, "tooltip": _tooltip(spec), "style": _STYLE, "layout": _WIDE}
+    lo, hi = spec.min, spec.max
+    if spec.choices is not None:
+        return W.Dropdown(options=[(str(c), c) for c in spec.choices], **common)
+    if spec.type is bool:
+        return W.Checkbox(indent=False, **common)
+    if spec.type is int:
+        if lo is not None and hi is not None and hi - lo <= SLIDER_SPAN:
+            return W.IntSlider(min=int(lo), max=int(hi), continuous_update=False, **common)
+        return W.BoundedIntText(min=int(lo) if lo is not None else -(2**53), max=int(hi) if hi is not None else 2**53,
+                                **common)
+    if spec.type is float:
+        if lo is not None and hi is not None:
+            if lo > 0 and math.log10(hi / lo) >= LOG_DECADES:
+                return W.FloatLogSlider(base=10, min=math.log10(lo), max=math.log10(hi), step=0.01,
+                                        readout_format=".3g", continuous_update=False, **common)
+            step = 10 ** math.floor(math.log10((hi - lo) / 1000))
+            return W.FloatSlider(min=lo, max=hi, step=step, readout_format=".3g", continuous_update=False, **common)
+        return W.FloatText(**common)
+    if spec.type is str:
+        return W.Text(**common)
+    return W.Text(placeholder=spec.type_name, **common)  # unions and lists: the value written as YAML
+
+
+def _from_control(spec: FieldSpec, control: W.Widget) -> Any:
+    """The settings value a control holds. Raises ValueError for text that is not YAML."""
+    value = control.value
+    if isinstance(control, W.FloatLogSlider):
+        return float(f"{value:.3g}")  # the log slider lands on 10**(k*step): 1.995e-4 means 2e-4
+    if isinstance(control, W.FloatSlider):
+        return round(value, 10)
+    if isinstance(control, W.Text) and spec.type is not str:
+        try:
+            return yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"cannot read {value!r} as a value ({spec.type_name}): "
+                             f"{str(err).splitlines()[0]}") from None
+    return value
+
+
+def _to_control(spec: FieldSpec, control: W.Widget, value: Any) -> None:
+    """Shows a settings value in its control; a value the control cannot hold is left to the error panel."""
+    if isinstance(control, W.Text) and spec.type is not str:
+        control.value = "" if value is None else yaml.safe_dump(value, default_flow_style=True, width=10**6
+                                                                ).removesuffix("...\n").strip()
+        return
+    try:
+        control.value = value
+    except Exception:  # wrong type for the control (e.g. text in a slider): the draft keeps it, errors show it
+        pass
+
+
+def _tooltip(spec: FieldSpec) -> str:
+    text = spec.help
+    if spec.recommended:
+        text += f" Usual range: {spec.recommended[0]:g} to {spec.recommended[1]:g}."
+    return text + f" Default: {spec.default!r}."
+
+
+def _help_html(spec: FieldSpec) -> str:
+    facts = [f"type {html.escape(spec.type_name)}", f"default {html.escape(repr(spec.default))}"]
+    if spec.min is not None or spec.max is not None:
+        facts.append(f"allowed {_num(spec.min) if spec.min is not None else '-inf'} to "
+                     f"{_num(spec.max) if spec.max is not None else 'inf'}")
+    if spec.recommended:
+        facts.append(f"<b>usual range {_num(spec.recommended[0])} to {_num(spec.recommended[1])}</b>")
+    return (f"<div style='font-size:90%;line-height:1.3;white-space:normal'><code>{spec.name}</code>: "
+            f"{html.escape(spec.help)}<br><i>{'; '.join(facts)}</i></div>")
+
+
+# -------------------------------------------------------------------------------------------------
+# Small helpers
+# -------------------------------------------------------------------------------------------------
+
+
+def _find_targets(model: Any) -> Targets | None:
+    if model is None:
+        return None
+    from lora_nb.targets import find_targets
+
+    return find_targets(model)
+
+
+def _q_and_v(targets: Targets) -> list[str]:
+    """The query and value projections by their usual names (empty for fused ones such as c_attn)."""
+    pairs = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"))
+    return next((list(p) for p in pairs if all(n in targets.attention for n in p)), [])
+
+
+def _spec(key: Key) -> FieldSpec:
+    cls = KitSettings if not key[0] else SECTIONS[key[0]]
+    return next(s for s in field_specs(cls) if s.name == key[1])
+
+
+def _label(key: Key) -> str:
+    return f"{key[0]}.{key[1]}" if key[0] else key[1]
+
+
+def _get(settings: KitSettings, key: Key) -> Any:
+    return getattr(getattr(settings, key[0]) if key[0] else settings, key[1])
+
+
+def _set(settings: KitSettings, key: Key, value: Any) -> None:
+    setattr(getattr(settings, key[0]) if key[0] else settings, key[1], value)
+
+
+def _html(css_class: str) -> W.HTML:
+    widget = W.HTML()
+    widget.add_class(css_class)
+    return widget
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _scale(lora: LoraSettings) -> str:
+    try:
+        if lora.use_rslora:
+            return f"scale alpha/sqrt(r) = {lora.lora_alpha / math.sqrt(lora.r):.3g}"
+        return f"scale alpha/r = {lora.lora_alpha / lora.r:.3g}"
+    except (TypeError, ZeroDivisionError, ValueError):
+        return "scale n/a"
+
+
+def _trainable_text(trainable: int, total: int) -> str:
+    return f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def _memory_html(memory: Any) -> str:
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{_mib(v)}</td></tr>"
+                   for k, v in memory.parts.items())
+    return (f"<b>Memory estimate</b> (batch {memory.batch_size} x {memory.seq_len} tokens):"
+            f"<table>{rows}<tr><td><b>total</b></td><td style='text-align:right'><b>{_mib(memory.total_bytes)}"
+            f"</b></td></tr></table><small>{html.escape(memory.notes[0]) if memory.notes else ''}</small>")
+
+
+def _list_html(title: str, items: list[str], color: str) -> str:
+    if not items:
+        return ""
+    lis = "".join(f"<li>{html.escape(i)}</li>" for i in items)
+    return f"<b style='color:{color}'>{title}</b><ul style='color:{color};margin:0'>{lis}</ul>"
+
+
+def _preset_names() -> list[str]:
+    try:
+        from lora_nb.presets import PRESETS
+    except ImportError:  # presets not available in this install: the dropdown stays disabled
+        return []
+    return list(PRESETS)
+
+
+def _preset_settings(name: str) -> KitSettings:
+    from lora_nb.presets import get_preset
+
+    preset = get_preset(name)
+    if isinstance(preset, KitSettings):
+        return copy.deepcopy(preset)
+    if isinstance(preset, LoraSettings):
+        return KitSettings(lora=copy.deepcopy(preset))
+    if isinstance(preset, dict):
+        return KitSettings.from_dict(preset)
+    raise SettingsError(f"preset {name!r} is a {type(preset).__name__}, not settings")
+
+
+# -------------------------------------------------------------------------------------------------
+# Trainable parameters against the rank, for a plot
+# -------------------------------------------------------------------------------------------------
+
+
+def trainable_by_rank(model: torch.nn.Module, ranks: Sequence[int],
+                      target_sets: dict[str, str | list[str]] | None = None) -> dict[str, list[int]]:
+    """Exact trainable-parameter counts (:func:`~lora_nb.estimate.count_trainable`) for each rank and target set.
+
+    Args:
+        model: The base model.
+        ranks: LoRA ranks to count.
+        target_sets: Label -> ``target_modules``; default q+v, attention and all-linear of this model.
+
+    Returns:
+        Label -> one count per rank.
+    """
+    from lora_nb.estimate import count_trainable
+
+    target_sets = target_sets if target_sets is not None else default_target_sets(model)
+    return {label: [count_trainable(model, LoraSettings(r=r, target_modules=copy.deepcopy(t)))[0] for r in ranks]
+            for label, t in target_sets.items()}
+
+
+def default_target_sets(model: torch.nn.Module) -> dict[str, str | list[str]]:
+    """q+v (when the model has them separately), all attention layers, and all-linear."""
+    targets = _find_targets(model)
+    sets: dict[str, str | list[str]] = {}
+    if _q_and_v(targets):
+        sets["q + v"] = _q_and_v(targets)
+    sets["attention"] = list(targets.attention)
+    sets["all-linear"] = ALL_LINEAR
+    return sets
+
+
+def plot_trainable_vs_rank(model: torch.nn.Module, ranks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+                           target_sets: dict[str, str | list[str]] | None = None) -> matplotlib.figure.Figure:
+    """Plots trainable parameters against the rank for a few target sets (exact counts, log-log axes).
+
+    Args:
+        model: The base model.
+        ranks: LoRA ranks on the x axis.
+        target_sets: Label -> ``target_modules``; default q+v, attention and all-linear.
+
+    Returns:
+        The figure (a notebook shows it when it is the cell's value).
+    """
+    import matplotlib.pyplot as plt
+
+    counts = trainable_by_rank(model, ranks, target_sets)
+    total = sum(p.numel() for p in model.parameters())
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, values in counts.items():
+        ax.plot(ranks, values, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(ranks), [str(r) for r in ranks])
+    for share in (0.001, 0.01, 0.1):
+        ax.axhline(share * total, color="grey", lw=0.6, ls=":")
+        ax.annotate(f"{share:.1%} of the model", (ranks[0], share * total), fontsize=8, color="grey", va="bottom")
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("trainable parameters")
+    ax.set_title("Trainable parameters grow linearly with r")
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)  # returned, shown once by the notebook
+    return fig
+
+
+__all__ = ["LoraConfigurator", "plot_trainable_vs_rank", "trainable_by_rank", "default_target_sets"]
