@@ -18,6 +18,7 @@ How LoRA adapts a layer (what ``r``, ``lora_alpha`` and ``lora_dropout`` act on)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import types
@@ -105,7 +106,11 @@ def field_specs(cls: type) -> list[FieldSpec]:
     Returns:
         One :class:`FieldSpec` per field.
     """
-    cls = cls if isinstance(cls, type) else type(cls)
+    return list(_specs(cls if isinstance(cls, type) else type(cls)))
+
+
+@functools.cache
+def _specs(cls: type) -> tuple[FieldSpec, ...]:
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
@@ -117,7 +122,7 @@ def field_specs(cls: type) -> list[FieldSpec]:
             recommended=md["recommended"], choices=_choices(tp), group=md["group"],
             optional=_matches(None, tp),
         ))
-    return specs
+    return tuple(specs)
 
 
 def value_problems(cls: type, name: str, value: Any, label: str | None = None) -> list[str]:
@@ -132,7 +137,7 @@ def value_problems(cls: type, name: str, value: Any, label: str | None = None) -
     Returns:
         Problem sentences; empty when the value is allowed.
     """
-    spec = next(s for s in field_specs(cls) if s.name == name)
+    spec = next(s for s in _specs(cls) if s.name == name)
     label = label or name
     if not _matches(value, spec.type):
         return [f"{label} must be {_describe(spec)}, got {value!r}{_hint(spec)}"]
@@ -666,7 +671,7 @@ class TrainSettings:
         if self.eval_steps is not None:
             kwargs["eval_steps"] = self.eval_steps
         if self.gradient_checkpointing:
-            kwargs |= {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            kwargs |= {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
         kwargs |= overrides
         try:
             return transformers.TrainingArguments(**kwargs)

@@ -1,0 +1,96 @@
+"""count_trainable equals peft's own count on seven architectures; the memory estimate follows its formula."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import peft
+import pytest
+
+from lora_nb.estimate import OPTIMIZER_STATE_BYTES, count_trainable, estimate_memory
+from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+from tests.archs import ARCHS, EXPECTED_NAMES, tiny_config, tiny_model
+
+# Per architecture: a short name list, the embedding module name.
+EMBEDDINGS = {"gpt2": "wte", "gpt_neox": "embed_in"}
+CASES = {
+    "all-linear": {},
+    "explicit": {"target_modules": "FIRST_TWO"},
+    "layers": {"layers_to_transform": [1]},
+    "layer-int-pattern": {"target_modules": "FIRST_TWO", "layers_to_transform": 0, "layers_pattern": "PATTERN"},
+    "bias-all": {"bias": "all"},
+    "bias-lora-only": {"bias": "lora_only"},
+    "dora": {"use_dora": True, "r": 4},
+    "save-head": {"modules_to_save": ["lm_head"]},
+    "save-embeddings": {"modules_to_save": ["EMBED"], "target_modules": "FIRST_TWO"},
+}
+
+
+def _settings(arch: str, case: dict) -> LoraSettings:
+    fill = {"FIRST_TWO": EXPECTED_NAMES[arch][:2], "PATTERN": "h" if arch == "gpt2" else "layers",
+            "EMBED": EMBEDDINGS.get(arch, "embed_tokens")}
+    values = {k: fill.get(v, v) if isinstance(v, str) else [fill.get(x, x) for x in v] if isinstance(v, list) else v
+              for k, v in case.items()}
+    return LoraSettings(fan_in_fan_out=arch == "gpt2", **values)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_count_equals_peft_for_every_case(arch):
+    for case_name, case in CASES.items():
+        lora = _settings(arch, case)
+        model = tiny_model(arch)
+        predicted = count_trainable(model, lora)
+        reported = peft.get_peft_model(model, lora.to_peft(model)).get_nb_trainable_parameters()
+        assert predicted == reported, (arch, case_name)
+
+
+def test_count_for_one_layer_by_hand():
+    # Llama q_proj and v_proj (32->32, 32->16) in 2 blocks at r=8: 2 * 8 * ((32+32) + (32+16))
+    trainable, total = count_trainable(tiny_model("llama"), LoraSettings(r=8, target_modules=["q_proj", "v_proj"]))
+    assert trainable == 2 * 8 * (64 + 48)
+    assert total == sum(p.numel() for p in tiny_model("llama").parameters()) + trainable
+
+
+def _kit(**train) -> KitSettings:
+    return KitSettings(quant=QuantSettings(load_in="none"), train=TrainSettings(precision="fp32", **train))
+
+
+def test_memory_parts_follow_the_formula():
+    model = tiny_model("llama")
+    kit = _kit()
+    estimate = estimate_memory(model, kit, batch_size=2, seq_len=16)
+    trainable, _ = count_trainable(model, kit.lora)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert list(estimate.parts) == ["weights", "adapter", "gradients", "optimizer", "activations", "logits"]
+    assert estimate.parts["weights"] == 4 * n_params
+    assert estimate.parts["adapter"] == estimate.parts["gradients"] == 4 * trainable
+    assert estimate.parts["optimizer"] == 8 * trainable
+    assert estimate.parts["logits"] == 2 * 4 * 2 * 16 * 128
+    assert estimate.total_bytes == sum(estimate.parts.values())
+    assert estimate.trainable == trainable
+
+
+def test_memory_reacts_to_settings():
+    model = tiny_model("llama")
+    base = estimate_memory(model, _kit(), batch_size=2, seq_len=16)
+    double = estimate_memory(model, _kit(), batch_size=4, seq_len=16)
+    assert double.parts["activations"] == 2 * base.parts["activations"]
+    ckpt = estimate_memory(model, _kit(gradient_checkpointing=True), batch_size=2, seq_len=16)
+    assert ckpt.parts["activations"] < base.parts["activations"]
+    eight = estimate_memory(model, _kit(optim="adamw_8bit"), batch_size=2, seq_len=16)
+    assert eight.parts["optimizer"] == OPTIMIZER_STATE_BYTES["adamw_8bit"] * base.trainable == base.parts["optimizer"] / 4
+    four = dataclasses.replace(_kit(), quant=QuantSettings(load_in="4bit"))
+    eight_bit = dataclasses.replace(_kit(), quant=QuantSettings(load_in="8bit"))
+    w4 = estimate_memory(model, four, 2, 16).parts["weights"]
+    w8 = estimate_memory(model, eight_bit, 2, 16).parts["weights"]
+    assert w4 < w8 < base.parts["weights"]
+
+
+def test_memory_from_config_equals_from_model_and_reads_well():
+    kit = _kit(per_device_train_batch_size=3, max_seq_length=24)
+    from_config = estimate_memory(tiny_config("gpt2"), dataclasses.replace(kit, lora=LoraSettings(fan_in_fan_out=True)))
+    from_model = estimate_memory(tiny_model("gpt2"), dataclasses.replace(kit, lora=LoraSettings(fan_in_fan_out=True)))
+    assert from_config.parts == from_model.parts and (from_config.batch_size, from_config.seq_len) == (3, 24)
+    text = str(from_model)
+    assert text.startswith("Estimated training memory (batch 3 x 24 tokens") and "total" in text
+    assert "an estimate" in text
