@@ -167,7 +167,9 @@ class LoraConfigurator:
         preset = _preset_settings(name)
         preset.model_name_or_path = self._draft.model_name_or_path
         self.set_settings(preset)
-        self.message = f"preset {name!r} applied"
+        from lora_nb.presets import PRESETS
+
+        self.message = f"preset {html.escape(name)} applied: {html.escape(PRESETS[name].description)}"
         self._show_message()
 
     def export_text(self, form: str) -> str:
@@ -435,7 +437,7 @@ class LoraConfigurator:
                 return
             key = self._keys[id(owner)]
             self._read_field(key, owner)
-            if key == ("lora", "target_modules") or key == ("lora", "layers_to_transform"):
+            if key in (("lora", "target_modules"), ("lora", "layers_to_transform")) and key not in self._parse_errors:
                 self._write_field(key)  # keep the box states consistent (all-linear ticks every box)
             self._refresh()
         except Exception as err:  # a handler must never raise into the frontend
