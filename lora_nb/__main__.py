@@ -1,0 +1,57 @@
+"""Command line: `python -m lora_nb run [...]` (also the `lora-nb` console script).
+
+    python -m lora_nb run                                  # demo model, demo data, demo-cpu preset
+    python -m lora_nb run --config my.yaml --out runs/mine # the kit's YAML or an axolotl config
+    python -m lora_nb run --model path/to/model --data train.jsonl --heldout test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from .errors import LoraNbError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-nb", description="LoRA/QLoRA fine-tuning kit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="load -> configure -> train -> evaluate, into one run folder")
+    run.add_argument("--config", help="settings file: the kit's YAML or an axolotl config (default: the preset)")
+    run.add_argument("--preset", default="demo-cpu", help="preset used without --config (default: demo-cpu)")
+    run.add_argument("--model", help="base model hub ID or folder (default: from the settings, the demo model)")
+    run.add_argument("--data", help="training examples .jsonl/.json/.csv (default: the demo task's)")
+    run.add_argument("--heldout", help="held-out examples (default: the demo task's)")
+    run.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
+    run.add_argument("--quant", choices=["4bit", "8bit", "none"], help="override quant.load_in")
+    run.add_argument("--max-steps", type=int, help="override train.max_steps")
+    run.add_argument("--limit", type=int, help="evaluate on the first N held-out examples only")
+    run.add_argument("--max-new-tokens", type=int, default=40, help="longest generated answer (default: 40)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C)."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from .pipeline import run_pipeline
+
+    try:
+        run_pipeline(args.config, model=args.model, data=args.data, heldout=args.heldout, out=args.out,
+                     preset=args.preset, quant=args.quant, max_steps=args.max_steps, limit=args.limit,
+                     max_new_tokens=args.max_new_tokens, resume=args.resume)
+    except LoraNbError as err:  # the kit's errors already say what to do: no stack trace
+        print(f"lora-nb: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lora-nb: interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Pipeline: the whole walkthrough without notebooks, load -> configure -> train -> evaluate.
+
+`run_pipeline` is what `python -m lora_nb run` (and the `lora-nb` console script) calls. With no
+arguments it trains the demo model on the demo data with the "demo-cpu" preset and writes one run
+folder:
+
+    out/
+      settings.yaml, run.json, log.jsonl, adapter/   written by train()
+      metrics.json       held-out loss, perplexity and task metric before and after
+      generations.md     the held-out answers before and after, side by side
+      loss.png           training and held-out loss against the step
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .demo import DEMO_MODEL_ID
+
+DEFAULT_PRESET = "demo-cpu"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run produced.
+
+    Attributes:
+        run_dir: The run folder.
+        metrics: The before/after metrics (as in metrics.json).
+        train: The `TrainResult`.
+        seconds: Wall time of the whole pipeline.
+    """
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    train: Any
+    seconds: float
+
+
+def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, model: str | None = None,
+              quant: str | None = None, max_steps: int | None = None):
+    """The run's settings: a settings file (the kit's YAML or an axolotl config) or a preset, plus overrides.
+
+    Args:
+        config: A settings file; None uses `preset`.
+        preset: Name of a preset (see `presets.PRESETS`).
+        model: Base model ID or folder, replacing the one in the settings.
+        quant: "4bit", "8bit" or "none", replacing `quant.load_in`.
+        max_steps: Optimizer steps, replacing `train.max_steps`.
+
+    Returns:
+        The checked `KitSettings`.
+    """
+    if config is not None:
+        from .formats import load_settings
+
+        settings = load_settings(Path(config)).settings
+    else:
+        from .presets import get_preset
+
+        settings = get_preset(preset)
+    if model is not None:
+        settings.model_name_or_path = model
+    if quant is not None:
+        settings.quant.load_in = quant
+    if max_steps is not None:
+        settings.train.max_steps = max_steps
+    settings.check(check_environment=False)
+    return settings
+
+
+def run_pipeline(
+    config: str | Path | None = None,
+    *,
+    model: str | None = None,
+    data: str | Path | None = None,
+    heldout: str | Path | None = None,
+    out: str | Path = "runs/demo",
+    preset: str = DEFAULT_PRESET,
+    quant: str | None = None,
+    max_steps: int | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 40,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> PipelineResult:
+    """Load, configure, train and evaluate; write everything into the run folder `out`.
+
+    Args:
+        config: Settings file (kit YAML or axolotl); default: the `preset`.
+        model: Base model (default: the settings' `model_name_or_path`, the demo model).
+        data: Training examples (default: the demo task's train split).
+        heldout: Held-out examples (default: the demo task's held-out split).
+        out: The run folder.
+        preset: Preset used when no `config` is given.
+        quant: Override of `quant.load_in`.
+        max_steps: Override of `train.max_steps`.
+        limit: Evaluate on the first `limit` held-out examples only.
+        max_new_tokens: Longest generated answer in the evaluation.
+        resume: Continue an interrupted run in `out`.
+        log: Where progress lines go.
+
+    Returns:
+        A `PipelineResult`.
+    """
+    from .demo_task import demo_data_paths
+    from .evaluate import evaluate_run
+    from .loading import describe_model, load_model
+    from .plots import plot_losses
+    from .train import train
+
+    started = time.perf_counter()
+    out = Path(out)
+    settings = configure(config, preset, model, quant, max_steps)
+    source = f"settings file {config}" if config else f"preset {preset!r}"
+    log(f"[1/4] settings   : {source}; model {settings.model_name_or_path}, quant {settings.quant.load_in}, "
+        f"r {settings.lora.r}, lr {settings.train.learning_rate:g}, max_steps {settings.train.max_steps}")
+
+    t = time.perf_counter()
+    loaded = load_model(settings.model_name_or_path, settings.quant,
+                        gradient_checkpointing=settings.train.gradient_checkpointing)
+    report = describe_model(loaded.model)
+    log(f"[2/4] model      : loaded in {time.perf_counter() - t:.1f} s; {report.parameters:,} parameters, "
+        f"{report.footprint_mb:,.1f} MB, {report.quantization}" + (f" ({loaded.note})" if loaded.note else ""))
+
+    train_path, heldout_path = demo_data_paths()
+    data = data or train_path
+    heldout = heldout or heldout_path
+    log(f"[3/4] training   : {data} -> {out}")
+    result = train(loaded.model, loaded.tokenizer, data, settings, out, eval_data=heldout, resume=resume)
+    final = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    log(f"      {result.global_step} steps in {result.train_seconds:.1f} s, final training loss {final}"
+        + (" (interrupted; rerun with --resume)" if result.interrupted else ""))
+
+    log(f"[4/4] evaluating : {heldout}" + (f" (first {limit})" if limit else ""))
+    evaluation = evaluate_run(result.model, loaded.tokenizer, heldout, run_dir=out, limit=limit,
+                              max_new_tokens=max_new_tokens, max_length=settings.train.max_seq_length)
+    plot_losses(out, title=f"Loss of {out.name}").savefig(out / LOSS_PLOT, dpi=100, bbox_inches="tight")
+    for row in evaluation.summary():
+        log(f"      {row['metric']:<13} {row['before']:>10.4g} -> {row['after']:<10.4g}")
+    seconds = time.perf_counter() - started
+    log(f"done in {seconds:.0f} s: {out}/ holds settings.yaml, log.jsonl, adapter/, metrics.json, "
+        f"generations.md, {LOSS_PLOT}")
+    return PipelineResult(out, evaluation.metrics, result, seconds)
+
+
+__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "run_pipeline"]

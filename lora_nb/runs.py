@@ -1,0 +1,139 @@
+"""Runs: read finished run folders back and compare them (final numbers, differing settings, curves).
+
+A run folder (see `train.py`) holds settings.yaml, run.json, log.jsonl, the adapter and, after
+evaluation, metrics.json. `compare_runs` puts several side by side: one row per run with its final
+losses and task metric, plus only the settings that differ between the runs, since those explain
+the difference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import RunFolderError
+from .evaluate import Table
+from .plots import loss_points, plot_losses
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .settings import KitSettings
+
+
+@dataclass
+class RunInfo:
+    """What one run folder says about its run.
+
+    Attributes:
+        path: The folder.
+        settings: Its settings (None when settings.yaml is missing or unreadable).
+        run: run.json (status, base model, steps).
+        metrics: metrics.json (before/after evaluation), or None before evaluation.
+        train_losses: `(step, loss)` points from log.jsonl.
+        eval_losses: `(step, eval_loss)` points.
+    """
+
+    path: Path
+    settings: KitSettings | None
+    run: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The folder name."""
+        return self.path.name
+
+    @property
+    def run_dir(self) -> Path:
+        """Same as `path` (so plots label the curve with the folder name)."""
+        return self.path
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    """Read a run folder.
+
+    Raises:
+        RunFolderError: The folder does not exist or holds neither run.json nor settings.yaml.
+    """
+    path = Path(run_dir).expanduser()
+    if not (path / "run.json").exists() and not (path / "settings.yaml").exists():
+        raise RunFolderError(
+            f"{path} is not a run folder: it holds neither run.json nor settings.yaml. Pass a folder that "
+            "train(..., run_dir=...) or `python -m lora_nb run --out ...` wrote."
+        )
+    run = _json(path / "run.json") or {}
+    metrics = _json(path / "metrics.json")
+    settings = None
+    if (path / "settings.yaml").exists():
+        from .formats import load_settings
+
+        try:
+            settings = load_settings(path / "settings.yaml").settings
+        except Exception:  # noqa: BLE001 - a damaged settings file should not hide the run's numbers
+            settings = None
+    try:
+        train, evals = loss_points(path)
+    except RunFolderError:
+        train, evals = [], []
+    return RunInfo(path, settings, run, metrics, train, evals)
+
+
+def _json(file: Path) -> dict | None:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def compare_runs(run_dirs: Sequence[str | Path | RunInfo]) -> Table:
+    """One row per run: final train and held-out loss, the metrics before/after, differing settings.
+
+    Args:
+        run_dirs: Run folders (or `load_run` results).
+
+    Returns:
+        A `Table` (HTML in a notebook). Metric columns are `after.<name>` (and `before.<name>` for
+        the held-out loss); settings columns are the dotted setting names, only where runs differ.
+    """
+    runs = [r if isinstance(r, RunInfo) else load_run(r) for r in run_dirs]
+    settings = [_flat(r.settings.to_dict()) if r.settings else {} for r in runs]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+    table = Table()
+    for run, flat in zip(runs, settings):
+        row: dict[str, Any] = {
+            "run": run.name,
+            "status": run.run.get("status", ""),
+            "steps": run.run.get("global_step", run.train_losses[-1][0] if run.train_losses else None),
+            "final train loss": run.train_losses[-1][1] if run.train_losses else None,
+            "final held-out loss": run.eval_losses[-1][1] if run.eval_losses else None,
+        }
+        if run.metrics:
+            for side in ("before", "after"):
+                for name, value in (run.metrics.get(side) or {}).items():
+                    if name != "n" and (side == "after" or name == "heldout_loss"):
+                        row[f"{side}.{name}"] = value
+        row |= {k: flat.get(k) for k in differing}
+        table.append(row)
+    return table
+
+
+def plot_runs(run_dirs: Sequence[str | Path | RunInfo], title: str = "Loss of each run") -> Figure:
+    """The runs' training and held-out loss curves on one axes, one colour per run."""
+    runs = [r if isinstance(r, RunInfo) else load_run(r) for r in run_dirs]
+    return plot_losses({r.name: r for r in runs}, title=title)
