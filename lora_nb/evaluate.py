@@ -227,6 +227,27 @@ def _as_chat(prompt: Prompt) -> list[dict]:
     return chat
 
 
+def max_logit_difference(model_a, model_b, tokenizer, texts: Sequence[str]) -> float:
+    """Largest absolute difference between two models' logits on the same texts (0.0 = identical).
+
+    Used to check that a reloaded adapter or a merged model computes what the trained one did.
+    """
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    mask = batch["attention_mask"].bool()
+    with _eval_mode(model_a), _eval_mode(model_b):
+        a = model_a(**batch.to(_device(model_a))).logits.float().cpu()
+        b = model_b(**batch.to(_device(model_b))).logits.float().cpu()
+    worst = (a - b).abs()[mask].max().item()
+    return worst
+
+
 def compare_generations(base, tuned, tokenizer, prompts: Sequence[Prompt], references: Sequence[str] | None = None,
                         max_new_tokens: int = 40) -> Table:
     """Answers of the base and the tuned model side by side.

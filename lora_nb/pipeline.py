@@ -73,6 +73,47 @@ def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, mo
     return settings
 
 
+def training_settings(root: str | Path = "runs", preset: str = DEFAULT_PRESET):
+    """Settings for a notebook's training run: `<root>/configured.yaml` (saved by 02_configure_lora) when
+    it exists, else the preset.
+
+    Returns:
+        `(settings, source)`: the checked `KitSettings` and a phrase saying where they came from.
+    """
+    saved = Path(root).expanduser() / "configured.yaml"
+    if saved.is_file():
+        return configure(saved), f"{saved} (saved by 02_configure_lora)"
+    return configure(preset=preset), f"the {preset!r} preset ({saved} does not exist)"
+
+
+def ensure_run(root: str | Path = "runs", preset: str = DEFAULT_PRESET, log: Callable[[str], None] = print) -> Path:
+    """The latest finished run under `root`; when there is none, train one with the preset first.
+
+    Lets the evaluation notebook run on its own: without a run from 03_train it trains the demo
+    model on the demo data (the "demo-cpu" preset: 20 steps, about a minute on CPU).
+
+    Returns:
+        The run folder.
+    """
+    from .demo_task import demo_data_paths
+    from .loading import load_model
+    from .runs import latest_run, new_run_dir
+    from .train import train
+
+    found = latest_run(root)
+    if found is not None:
+        log(f"using the latest finished run: {found}")
+        return found
+    settings = configure(preset=preset)
+    out = new_run_dir(root, "quick")
+    log(f"no finished run under {root}: training one with the {preset!r} preset into {out}")
+    model, tokenizer = load_model(settings.model_name_or_path, settings.quant)
+    train_path, heldout_path = demo_data_paths()
+    result = train(model, tokenizer, train_path, settings, out, eval_data=heldout_path)
+    log(f"trained {result.global_step} steps in {result.train_seconds:.0f} s")
+    return out
+
+
 def run_pipeline(
     config: str | Path | None = None,
     *,
@@ -148,4 +189,4 @@ def run_pipeline(
     return PipelineResult(out, evaluation.metrics, result, seconds)
 
 
-__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "run_pipeline"]
+__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "ensure_run", "run_pipeline", "training_settings"]

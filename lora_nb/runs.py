@@ -83,6 +83,49 @@ def load_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(path, settings, run, metrics, train, evals)
 
 
+def new_run_dir(root: str | Path = "runs", prefix: str = "run") -> Path:
+    """A fresh, not yet existing run folder name under `root`: `<prefix>-YYYYmmdd-HHMMSS` (made unique).
+
+    Each notebook run trains into a new folder, so re-running a notebook never clashes with a finished run.
+    """
+    import time
+
+    root = Path(root).expanduser()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = root / f"{prefix}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = root / f"{prefix}-{stamp}-{n}"
+    return path
+
+
+def find_runs(root: str | Path = "runs", finished_only: bool = True) -> list[Path]:
+    """Run folders directly under `root`, oldest first (by run.json modification time).
+
+    Args:
+        root: The folder holding run folders.
+        finished_only: Keep only runs whose run.json says "finished" and that hold an adapter.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return []
+    found = []
+    for run_file in root.glob("*/run.json"):
+        folder = run_file.parent
+        if finished_only:
+            status = (_json(run_file) or {}).get("status")
+            if status != "finished" or not (folder / "adapter" / "adapter_config.json").exists():
+                continue
+        found.append(folder)
+    return sorted(found, key=lambda p: (p / "run.json").stat().st_mtime)
+
+
+def latest_run(root: str | Path = "runs") -> Path | None:
+    """The most recent finished run under `root`, or None."""
+    runs = find_runs(root)
+    return runs[-1] if runs else None
+
+
 def _json(file: Path) -> dict | None:
     try:
         return json.loads(file.read_text(encoding="utf-8"))

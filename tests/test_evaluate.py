@@ -12,7 +12,7 @@ from lora_nb.data import load_examples, tokenize_examples
 from lora_nb.demo_task import demo_data_paths
 from lora_nb.errors import RunFolderError
 from lora_nb.evaluate import (
-    Table, compare_generations, evaluate_run, generate, heldout_loss, load_adapter, merge_adapter,
+    Table, compare_generations, evaluate_run, generate, heldout_loss, load_adapter, max_logit_difference, merge_adapter,
     prompts_and_references, save_adapter,
 )
 from lora_nb.loading import load_model
@@ -115,6 +115,7 @@ def test_merge_gives_a_standalone_model_with_the_same_logits(tuned, tiny_model_d
     out = merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=tiny_model_dir)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert max_logit_difference(merged, model, tokenizer, ["Name a colour.", "Extract JSON"]) < 1e-4
     ids = tokenizer(["Extract JSON with the keys name, age."], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, model(**ids).logits, rtol=1e-4, atol=1e-4)

@@ -53,3 +53,16 @@ def test_load_run_of_a_plain_folder_says_what_is_missing(tmp_path):
         load_run(tmp_path)
     info = load_run(_fake_run(tmp_path / "x", 4, [1.0], 0.0))
     assert info.settings.lora.r == 4 and info.metrics["after"]["exact_match"] == 0.0
+
+
+def test_find_and_latest_run_keep_finished_runs_with_adapters(tmp_path):
+    from lora_nb.runs import find_runs, latest_run, new_run_dir
+
+    assert latest_run(tmp_path) is None
+    done = _fake_run(tmp_path / "done", 8, [1.0], 0.5)
+    (done / "adapter").mkdir()
+    (done / "adapter" / "adapter_config.json").write_text("{}")
+    _fake_run(tmp_path / "no-adapter", 8, [1.0], 0.5)
+    assert find_runs(tmp_path) == [done] and latest_run(tmp_path) == done
+    fresh = new_run_dir(tmp_path, "train")
+    assert fresh.parent == tmp_path and fresh.name.startswith("train-") and not fresh.exists()
