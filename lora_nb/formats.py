@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from lora_nb.errors import ConfigFileError, SettingsError
-from lora_nb.settings import SECTIONS, KitSettings, LoraSettings, field_specs, value_problems
+from lora_nb.settings import SECTIONS, KitSettings, LoraSettings, QuantSettings, field_specs, value_problems
 
 Form = Literal["kit", "axolotl", "lora", "peft"]
 FORMS: tuple[Form, ...] = ("kit", "axolotl", "lora", "peft")
@@ -247,7 +247,7 @@ def _coerce_number(value: Any, cls: type, name: str) -> Any:
 def _read_lora(data: dict) -> tuple[KitSettings, dict[str, Any]]:
     unknown = {str(k): v for k, v in data.items() if k != "lora"}
     lora, more = _lora_from_peft_kwargs(data["lora"], "lora.")
-    return KitSettings(lora=lora), unknown | more
+    return _kit_around(lora), unknown | more
 
 
 def _read_peft(data: dict) -> tuple[KitSettings, dict[str, Any]]:
@@ -256,8 +256,13 @@ def _read_peft(data: dict) -> tuple[KitSettings, dict[str, Any]]:
     kwargs = {k: v for k, v in data.items() if k not in PEFT_BOOKKEEPING}
     lora, unknown = _lora_from_peft_kwargs(kwargs, "")
     model = data.get("base_model_name_or_path")
-    top = {"model_name_or_path": model} if model is not None else {}
-    return KitSettings(**top, lora=lora), unknown
+    return _kit_around(lora, **({"model_name_or_path": model} if model is not None else {})), unknown
+
+
+def _kit_around(lora: LoraSettings, **top: Any) -> KitSettings:
+    """Kit defaults around LoRA-only settings; LoftQ quantizes the model itself, so no quantized loading then."""
+    quant = QuantSettings(load_in="none") if lora.init_lora_weights == "loftq" else QuantSettings()
+    return KitSettings(**top, lora=lora, quant=quant)
 
 
 def _lora_from_peft_kwargs(kwargs: Any, prefix: str) -> tuple[LoraSettings, dict[str, Any]]:
@@ -267,8 +272,8 @@ def _lora_from_peft_kwargs(kwargs: Any, prefix: str) -> tuple[LoraSettings, dict
     if not isinstance(kwargs, dict):
         raise ConfigFileError(f"{prefix or 'the adapter config'} must be a mapping, got {type(kwargs).__name__}")
     own = {s.name for s in field_specs(LoraSettings)}
-    peft_defaults = {f.name: f.default for f in dataclasses.fields(peft.LoraConfig)
-                     if f.default is not dataclasses.MISSING}
+    peft_defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                     for f in dataclasses.fields(peft.LoraConfig)}
     values: dict[str, Any] = {}
     unknown: dict[str, Any] = {}
     for key, value in kwargs.items():

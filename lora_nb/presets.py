@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from lora_nb.errors import SettingsError
 from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 
-_LLAMA_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+_LORA_SECTION_NAMES = ["q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]  # its order
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ PRESETS: dict[str, Preset] = {
     "lora-section": Preset(
         "The nested 'lora:' section example (reference/lora-section.md): r 32, alpha 16, dropout 0.1, "
         "q/k/v/o and the three MLP projections.",
-        KitSettings(lora=LoraSettings(r=32, lora_alpha=16, lora_dropout=0.1, target_modules=list(_LLAMA_NAMES)),
+        KitSettings(lora=LoraSettings(r=32, lora_alpha=16, lora_dropout=0.1, target_modules=list(_LORA_SECTION_NAMES)),
                     quant=QuantSettings(load_in="none")),
     ),
     "qlora-walkthrough": Preset(
