@@ -52,15 +52,24 @@ def count_trainable(model: nn.Module, lora: LoraSettings) -> tuple[int, int]:
     Raises:
         SettingsError: When the settings cannot be converted for this model.
     """
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    config = lora.to_peft(model)
-    adapted = [lay for lay in find_targets(model, include_output_head=True).layers
-               if check_target_module_exists(config, lay.path)]
+    adapted = adapted_layers(model, lora)
     adapter = sum(_adapter_params(lay, lora.r, lora.use_dora) for lay in adapted)
     saved = sum(_numel(m) for m in _modules_to_save(model, lora.modules_to_save or []))
     total = sum(_logical_numel(p) for p in model.parameters()) + adapter + saved
     return adapter + saved + _bias_params(model, lora.bias, adapted), total
+
+
+def adapted_layers(model: nn.Module, lora: LoraSettings) -> list[TargetLayer]:
+    """The layers peft will wrap, found with peft's own matching rule on the config the settings build.
+
+    Raises:
+        SettingsError: When the settings cannot be converted for this model.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = lora.to_peft(model)
+    return [lay for lay in find_targets(model, include_output_head=True).layers
+            if check_target_module_exists(config, lay.path)]
 
 
 def _adapter_params(layer: TargetLayer, r: int, use_dora: bool) -> int:
@@ -181,7 +190,8 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
         "adapter": ADAPTER_BYTES * trainable,
         "gradients": ADAPTER_BYTES * trainable,
         "optimizer": OPTIMIZER_STATE_BYTES[train.optim] * trainable,
-        "activations": _activation_bytes(model.config, settings, targets.layers, b, s, act_bytes),
+        "activations": _activation_bytes(model.config, settings, adapted_layers(model, settings.lora), b, s,
+                                         act_bytes),
         "logits": 2 * 4 * b * s * _dims(model.config)["vocab"],
     }
     notes = ["an estimate from formulas: real use also depends on kernels, allocator fragmentation "
@@ -222,11 +232,10 @@ def _dims(config: Any) -> dict[str, int]:
             "mlp": first("intermediate_size", "n_inner") or 4 * hidden, "vocab": first("vocab_size")}
 
 
-def _activation_bytes(config: Any, settings: KitSettings, layers: list[TargetLayer], b: int, s: int,
+def _activation_bytes(config: Any, settings: KitSettings, adapted: list[TargetLayer], b: int, s: int,
                       act_bytes: int) -> int:
     d = _dims(config)
     lora = settings.lora
-    adapted = [lay for lay in layers if lora.target_modules == "all-linear" or lay.name in lora.target_modules]
     per_layer_lora = sum(lora.r + (lay.in_features if lora.lora_dropout > 0 else 0) for lay in adapted) / max(d["layers"], 1)
     per_token = 10 * d["hidden"] + 3 * d["mlp"] + 2 * d["heads"] * s + per_layer_lora
     block = b * s * per_token * act_bytes

@@ -17,6 +17,7 @@ How LoRA adapts a layer (what ``r``, ``lora_alpha`` and ``lora_dropout`` act on)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -106,7 +107,8 @@ def field_specs(cls: type) -> list[FieldSpec]:
     Returns:
         One :class:`FieldSpec` per field.
     """
-    return list(_specs(cls if isinstance(cls, type) else type(cls)))
+    specs = _specs(cls if isinstance(cls, type) else type(cls))
+    return [dataclasses.replace(s, default=copy.deepcopy(s.default)) for s in specs]  # defaults stay unchanged
 
 
 @functools.cache

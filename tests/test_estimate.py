@@ -7,7 +7,7 @@ import dataclasses
 import peft
 import pytest
 
-from lora_nb.estimate import OPTIMIZER_STATE_BYTES, count_trainable, estimate_memory
+from lora_nb.estimate import OPTIMIZER_STATE_BYTES, adapted_layers, count_trainable, estimate_memory
 from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 from tests.archs import ARCHS, EXPECTED_NAMES, tiny_config, tiny_model
 
@@ -94,3 +94,13 @@ def test_memory_from_config_equals_from_model_and_reads_well():
     text = str(from_model)
     assert text.startswith("Estimated training memory (batch 3 x 24 tokens") and "total" in text
     assert "an estimate" in text
+
+
+def test_adapted_layers_follow_peft_matching():
+    model = tiny_model("llama")
+    every = adapted_layers(model, LoraSettings())
+    first = adapted_layers(model, LoraSettings(layers_to_transform=[0]))
+    assert len(every) == 14 and len(first) == 7 and {lay.layer_index for lay in first} == {0}
+    all_blocks = estimate_memory(model, _kit(), 1, 8).parts["activations"]
+    one_block = estimate_memory(model, dataclasses.replace(_kit(), lora=LoraSettings(layers_to_transform=[0])), 1, 8)
+    assert one_block.parts["activations"] < all_blocks

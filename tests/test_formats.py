@@ -174,8 +174,9 @@ def test_peft_form_is_a_valid_adapter_config(tmp_path):
     kit = ROUND_TRIP["peft"]
     save_settings(kit, tmp_path / "adapter_config.json", form="peft")
     config = peft.LoraConfig.from_pretrained(str(tmp_path))
-    assert config == kit.to_peft() or config.to_dict() | {"base_model_name_or_path": None} == kit.to_peft().to_dict()
     assert config.base_model_name_or_path == "org/model"
+    config.base_model_name_or_path = None
+    assert config == kit.to_peft()
 
 
 def test_reads_an_adapter_config_written_by_peft(tmp_path):

@@ -322,3 +322,9 @@ def test_get_preset_returns_a_copy_and_names_the_choices():
     assert PRESETS["demo-cpu"].settings.lora.r == 16
     with pytest.raises(SettingsError, match="choose one of axolotl-llama3, lora-section"):
         get_preset("nope")
+
+
+def test_field_specs_hand_out_copies_of_defaults():
+    spec = next(s for s in field_specs(KitSettings) if s.name == "lora")
+    spec.default.r = 99
+    assert next(s for s in field_specs(KitSettings) if s.name == "lora").default.r == 16
