@@ -304,7 +304,8 @@ class LoraConfigurator:
     def _field_rows(self, section: str, specs: Sequence[FieldSpec]) -> W.VBox:
         rows: list[W.Widget] = []
         group = None
-        for spec in specs:
+        order = list(dict.fromkeys(s.group for s in specs))  # groups in order of first appearance
+        for spec in sorted(specs, key=lambda s: order.index(s.group)):
             if spec.group != group:
                 group = spec.group
                 rows.append(W.HTML(f"<b>{html.escape(group)}</b>"))
