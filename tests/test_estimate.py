@@ -9,6 +9,7 @@ import pytest
 
 from lora_nb.estimate import OPTIMIZER_STATE_BYTES, adapted_layers, count_trainable, estimate_memory
 from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+from lora_nb.targets import find_targets
 from tests.archs import ARCHS, EXPECTED_NAMES, tiny_config, tiny_model
 
 # Per architecture: a short name list, the embedding module name.
@@ -104,3 +105,18 @@ def test_adapted_layers_follow_peft_matching():
     all_blocks = estimate_memory(model, _kit(), 1, 8).parts["activations"]
     one_block = estimate_memory(model, dataclasses.replace(_kit(), lora=LoraSettings(layers_to_transform=[0])), 1, 8)
     assert one_block.parts["activations"] < all_blocks
+
+
+@pytest.mark.parametrize("load_in,kind", [("4bit", "linear4bit"), ("8bit", "linear8bit")])
+def test_quantized_models_count_like_peft(load_in, kind, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    tiny_model("llama").save_pretrained(tmp_path)
+    bnb = QuantSettings(load_in=load_in, bnb_4bit_compute_dtype="float32").to_bnb()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb)
+    targets = find_targets(model)
+    assert targets.names == EXPECTED_NAMES["llama"] and {lay.kind for lay in targets.layers} == {kind}
+    lora = LoraSettings(target_modules=["q_proj", "down_proj"], bias="all", use_dora=True)
+    predicted = count_trainable(model, lora)
+    assert predicted == peft.get_peft_model(model, lora.to_peft(model)).get_nb_trainable_parameters()
+    assert predicted == count_trainable(tiny_model("llama"), lora)  # 4-bit weights count as unpacked values
