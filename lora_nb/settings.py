@@ -391,15 +391,16 @@ class LoraSettings:
         import peft
 
         try:
-            return peft.LoraConfig(**self._peft_kwargs(model))
+            return peft.LoraConfig(**self.peft_kwargs(model))
         except (ValueError, TypeError, ImportError) as err:
             raise SettingsError(f"peft refused the LoRA settings: {err}") from err
 
     def peft_kwargs(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
-        """The keyword arguments :meth:`to_peft` passes to ``peft.LoraConfig`` (used to write code)."""
-        return self._peft_kwargs(model)
+        """The keyword arguments :meth:`to_peft` passes to ``peft.LoraConfig`` (also used to write code).
 
-    def _peft_kwargs(self, model: torch.nn.Module | None) -> dict[str, Any]:
+        Raises:
+            SettingsError: When 'all-linear' must be expanded and no model is given.
+        """
         kwargs: dict[str, Any] = {
             "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
             "target_modules": self._explicit_targets(model), "bias": self.bias,
@@ -434,7 +435,7 @@ class LoraSettings:
     def _model_problems(self, model: torch.nn.Module) -> list[str]:
         from lora_nb.targets import find_targets
 
-        targets = find_targets(model)
+        targets = find_targets(model, include_output_head=True)  # the head is a valid explicit target
         found = []
         if isinstance(self.target_modules, list):
             unknown = [n for n in self.target_modules if n not in targets.names]
@@ -449,14 +450,11 @@ class LoraSettings:
             kind = "Conv1D (weights stored in x out)" if targets.fan_in_fan_out else "nn.Linear (weights out x in)"
             found.append(f"fan_in_fan_out must be {targets.fan_in_fan_out} for this model, whose layers are "
                          f"{kind}; got {self.fan_in_fan_out}")
-        missing = [m for m in self.modules_to_save or [] if m not in _module_short_names(model)]
+        paths = [path for path, _ in model.named_modules() if path]
+        missing = [m for m in self.modules_to_save or [] if not any(p.endswith(m) for p in paths)]  # peft's rule
         if missing:
             found.append(f"modules_to_save {missing} not found in the model")
         return found
-
-
-def _module_short_names(model: torch.nn.Module) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
 
 
 def _copy(value: Any) -> Any:

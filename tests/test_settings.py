@@ -108,7 +108,7 @@ def test_misspelled_target_is_caught_and_lists_the_models_names():
     problems = LoraSettings(target_modules=["q_proj", "v_prj"]).problems(tiny_model("llama"))
     assert len(problems) == 1
     assert "['v_prj'] not found" in problems[0] and "silently" in problems[0]
-    assert str(EXPECTED_NAMES["llama"]) in problems[0]
+    assert str(EXPECTED_NAMES["llama"] + ["lm_head"]) in problems[0]
 
 
 def test_layer_indices_outside_the_model():
@@ -128,6 +128,8 @@ def test_unknown_modules_to_save():
 
 
 def test_valid_settings_pass_against_every_kind_of_model():
+    assert LoraSettings(target_modules=["lm_head"], modules_to_save=["model.embed_tokens"]).problems(
+        tiny_model("llama")) == []
     assert LoraSettings(fan_in_fan_out=True, layers_to_transform=1).problems(tiny_model("gpt2")) == []
     assert LoraSettings(target_modules=["qkv_proj"], layers_to_transform=[0]).problems(tiny_model("phi3")) == []
 
@@ -328,3 +330,12 @@ def test_field_specs_hand_out_copies_of_defaults():
     spec = next(s for s in field_specs(KitSettings) if s.name == "lora")
     spec.default.r = 99
     assert next(s for s in field_specs(KitSettings) if s.name == "lora").default.r == 16
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_loftq_and_bf16_are_available():
+    kit = KitSettings(lora=LoraSettings(init_lora_weights="loftq"), quant=QuantSettings(load_in="none"))
+    assert kit.problems() == []
+    assert TrainSettings().resolved_precision() == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    model = peft.get_peft_model(tiny_model("llama").cuda(), kit.to_peft())
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape == (16, 32)
