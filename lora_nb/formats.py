@@ -41,7 +41,6 @@ AXOLOTL_KEYS: dict[str, tuple[str, str]] = {
     "lora_fan_in_fan_out": ("lora", "fan_in_fan_out"),
     "lora_modules_to_save": ("lora", "modules_to_save"),
     "peft_layers_to_transform": ("lora", "layers_to_transform"),
-    "peft_layers_pattern": ("lora", "layers_pattern"),
     "peft_use_dora": ("lora", "use_dora"),
     "peft_use_rslora": ("lora", "use_rslora"),
     "sequence_len": ("train", "max_seq_length"),
@@ -66,7 +65,7 @@ AXOLOTL_KEYS: dict[str, tuple[str, str]] = {
 }
 # axolotl keys read by hand: what they mean needs more than a rename.
 AXOLOTL_SPECIAL = ("adapter", "lora_target_linear", "lora_target_modules", "load_in_4bit", "load_in_8bit",
-                   "train_on_inputs", "bf16", "fp16")
+                   "train_on_inputs", "bf16", "fp16", "peft_layers_pattern", "peft")
 # peft bookkeeping keys of adapter_config.json that are not training settings.
 PEFT_BOOKKEEPING = ("peft_type", "peft_version", "auto_mapping", "inference_mode", "base_model_name_or_path")
 
@@ -196,6 +195,7 @@ def _read_axolotl(data: dict) -> tuple[KitSettings, dict[str, Any]]:
         elif key not in AXOLOTL_KEYS and key not in AXOLOTL_SPECIAL:
             unknown[str(key)] = value
     problems += _read_axolotl_special(data, values)
+    problems += _read_axolotl_peft(data, values, unknown)
     if problems:
         raise SettingsError(problems)
     return KitSettings.from_dict({**values.pop(""), **values}), unknown
@@ -204,7 +204,7 @@ def _read_axolotl(data: dict) -> tuple[KitSettings, dict[str, Any]]:
 def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
     problems = []
     for key in AXOLOTL_SPECIAL:
-        if key == "lora_target_modules":
+        if key in ("lora_target_modules", "peft_layers_pattern", "peft"):
             continue
         value = data.get(key)
         allowed = ("lora", "qlora", None) if key == "adapter" else ("auto", True, False, None) if key == "bf16" else (True, False, None)
@@ -230,6 +230,29 @@ def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list
         precision = "fp32"
     if precision is not None:
         values["train"]["precision"] = precision
+    return []
+
+
+def _read_axolotl_peft(data: dict, values: dict[str, dict[str, Any]], unknown: dict[str, Any]) -> list[str]:
+    """axolotl's ``peft_layers_pattern`` is a list (the kit takes one name); ``peft.loftq_config`` means LoftQ."""
+    pattern = data.get("peft_layers_pattern")
+    if isinstance(pattern, list) and len(pattern) == 1:
+        pattern = pattern[0]
+    if pattern is not None and not isinstance(pattern, str):
+        return [f"peft_layers_pattern must be one module-list name (or a list of one), got {pattern!r}"]
+    if pattern is not None:
+        values["lora"]["layers_pattern"] = pattern
+    peft_section = data.get("peft")
+    if peft_section is None:
+        return []
+    if not isinstance(peft_section, dict):
+        return [f"peft must be a mapping (e.g. loftq_config: {{loftq_bits: 4}}), got {peft_section!r}"]
+    unknown |= {f"peft.{k}": v for k, v in peft_section.items() if k != "loftq_config"}
+    loftq = peft_section.get("loftq_config")
+    if isinstance(loftq, dict):
+        values["lora"] |= {"init_lora_weights": "loftq", "loftq_bits": loftq.get("loftq_bits", 4)}
+    elif loftq is not None:
+        return [f"peft.loftq_config must be a mapping like {{loftq_bits: 4}}, got {loftq!r}"]
     return []
 
 
@@ -354,13 +377,18 @@ def lost_in_form(settings: KitSettings, form: Form) -> list[str]:
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flattens nested settings to ``section.field`` keys; target lists sorted, as peft keeps a set."""
+    """Flattens nested settings to ``section.field`` keys, in a form where equal meaning is equal value:
+    target lists sorted (peft keeps a set), one layer index as a list of one."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
             flat |= _flat(value, f"{prefix}{key}.")
+        elif key == "target_modules" and isinstance(value, list):
+            flat[f"{prefix}{key}"] = sorted(value)
+        elif key == "layers_to_transform" and isinstance(value, int):
+            flat[f"{prefix}{key}"] = [value]
         else:
-            flat[f"{prefix}{key}"] = sorted(value) if key == "target_modules" and isinstance(value, list) else value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -406,6 +434,12 @@ def _write_axolotl(settings: KitSettings) -> str:
             data[key] = getattr(lora, name)
         elif section == "train":
             data[key] = getattr(train, name)
+    if lora.layers_pattern is not None:
+        data["peft_layers_pattern"] = [lora.layers_pattern]
+    if isinstance(lora.layers_to_transform, int):
+        data["peft_layers_to_transform"] = [lora.layers_to_transform]  # axolotl takes a list
+    if lora.init_lora_weights == "loftq":
+        data["peft"] = {"loftq_config": {"loftq_bits": lora.loftq_bits}}
     data["train_on_inputs"] = not train.train_on_responses_only
     data |= {"auto": {"bf16": "auto"}, "bf16": {"bf16": True}, "fp16": {"fp16": True},
              "fp32": {"bf16": False, "fp16": False}}[train.precision]

@@ -115,7 +115,7 @@ ROUND_TRIP = {
                        train=TrainSettings(eval_steps=5, precision="bf16", warmup_steps=3)),
     "axolotl": KitSettings(model_name_or_path="m", lora=LoraSettings(r=8, lora_dropout=0.0, use_dora=True,
                                                                       target_modules=["q_proj", "v_proj"],
-                                                                      layers_to_transform=1, layers_pattern="layers"),
+                                                                      layers_to_transform=[1], layers_pattern="layers"),
                            quant=QuantSettings(load_in="8bit"),
                            train=TrainSettings(num_train_epochs=2.5, optim="adamw_8bit", precision="fp32",
                                                train_on_responses_only=False, save_steps=50, group_by_length=False)),
@@ -143,6 +143,17 @@ def test_round_trip_gives_equal_settings(form, tmp_path):
 @pytest.mark.parametrize("form", FORMS)
 def test_default_settings_round_trip_in_every_form(form):
     assert load_settings(dump_settings(KitSettings(), form)).settings == KitSettings()
+
+
+def test_axolotl_peft_keys_and_lists(tmp_path):
+    text = "lora_r: 8\npeft_layers_to_transform: [0]\npeft_layers_pattern: [h]\npeft:\n  loftq_config: {loftq_bits: 2}\n"
+    lora = load_settings(text).settings.lora
+    assert (lora.layers_pattern, lora.init_lora_weights, lora.loftq_bits) == ("h", "loftq", 2)
+    one = KitSettings(lora=LoraSettings(target_modules=["q_proj"], layers_to_transform=1))
+    assert "peft_layers_to_transform: [1]\n" in dump_settings(one, "axolotl")
+    assert save_settings(one, tmp_path / "a.yaml", "axolotl") == []  # [1] means 1
+    loftq = KitSettings(lora=LoraSettings(init_lora_weights="loftq", loftq_bits=8), quant=QuantSettings(load_in="none"))
+    assert load_settings(dump_settings(loftq, "axolotl")).settings == loftq
 
 
 def test_lost_settings_are_reported(tmp_path):
