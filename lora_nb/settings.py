@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -446,6 +447,10 @@ class LoraSettings:
         outside = [i for i in layers or [] if i >= targets.n_layers]
         if outside:
             found.append(f"layers_to_transform {outside} outside the model's blocks 0 to {targets.n_layers - 1}")
+        if self.layers_pattern and not _pattern_matches(self.layers_pattern, [lay.path for lay in targets.layers]):
+            found.append(f"layers_pattern {self.layers_pattern!r} matches no numbered module list of this model "
+                         f"(peft looks for '<pattern>.<index>.' in module paths): its blocks are in "
+                         f"{targets.layers_pattern!r}")
         if self.fan_in_fan_out != targets.fan_in_fan_out:
             kind = "Conv1D (weights stored in x out)" if targets.fan_in_fan_out else "nn.Linear (weights out x in)"
             found.append(f"fan_in_fan_out must be {targets.fan_in_fan_out} for this model, whose layers are "
@@ -455,6 +460,15 @@ class LoraSettings:
         if missing:
             found.append(f"modules_to_save {missing} not found in the model")
         return found
+
+
+def _pattern_matches(pattern: str, paths: list[str]) -> bool:
+    """peft's rule: the pattern, then a dot and the block index, somewhere in the module path."""
+    try:
+        regex = re.compile(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.")
+    except re.error:
+        return False
+    return any(regex.match(path) for path in paths)
 
 
 def _copy(value: Any) -> Any:

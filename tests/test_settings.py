@@ -122,6 +122,16 @@ def test_fan_in_fan_out_must_match_the_layer_type(arch, wrong):
     assert len(problems) == 1 and problems[0].startswith(f"fan_in_fan_out must be {not wrong} for this model")
 
 
+def test_layers_pattern_written_as_a_path_regex_matches_nothing():
+    # The lora-section reference suggests "transformer\\.h\\.\\d+\\.attn"; peft wants the list's name ("h").
+    lora = LoraSettings(fan_in_fan_out=True, target_modules=["c_attn"], layers_to_transform=[0],
+                        layers_pattern=r"transformer\.h\.\d+\.attn")
+    problems = lora.problems(tiny_model("gpt2"))
+    assert len(problems) == 1 and "its blocks are in 'h'" in problems[0]
+    lora.layers_pattern = "h"
+    assert lora.problems(tiny_model("gpt2")) == []
+
+
 def test_unknown_modules_to_save():
     assert LoraSettings(modules_to_save=["lm_hed"]).problems(tiny_model("llama")) == [
         "modules_to_save ['lm_hed'] not found in the model"]
