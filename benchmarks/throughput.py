@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import json
 import math
 import os
@@ -107,24 +108,24 @@ def make_examples(tokenizer, n: int, min_len: int = 20, max_len: int = 400, seed
     return chats
 
 
-def plain_dataset(chats, tokenizer, fixed: bool = False):
+def plain_dataset(chats, tokenizer, fixed: bool = False, max_length: int = MAX_LENGTH):
     """The plain recipe's data: rendered chat text, `tokenizer(text, truncation=True)` (optionally padded)."""
     import datasets
 
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
     padding = "max_length" if fixed else False
-    enc = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=padding)
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding)
     return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
 
 
-def kit_dataset(chats, tokenizer, train_on_responses_only: bool = False):
+def kit_dataset(chats, tokenizer, train_on_responses_only: bool = False, max_length: int = MAX_LENGTH):
     """The kit's data: `data.load_examples` + `data.tokenize_examples`."""
     import datasets
 
     from lora_nb.data import load_examples, tokenize_examples
 
     examples = load_examples(datasets.Dataset.from_dict({"messages": chats}))
-    return tokenize_examples(examples, tokenizer, MAX_LENGTH, train_on_responses_only)
+    return tokenize_examples(examples, tokenizer, max_length, train_on_responses_only)
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -139,7 +140,7 @@ def model_path(name: str, workdir: Path) -> str:
     return name
 
 
-def kit_settings(path: str, steps: int, batch_size: int):
+def kit_settings(path: str, steps: int, batch_size: int, max_length: int = MAX_LENGTH):
     """The kit's settings for the benchmark run (same hyperparameters as the plain arm)."""
     from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
 
@@ -148,7 +149,7 @@ def kit_settings(path: str, steps: int, batch_size: int):
         lora=LoraSettings(**LORA, target_modules="all-linear"),
         train=TrainSettings(learning_rate=LEARNING_RATE, max_steps=steps, per_device_train_batch_size=batch_size,
                             seed=SEED, precision="fp32", logging_steps=1, group_by_length=True,
-                            train_on_responses_only=False, max_seq_length=MAX_LENGTH),
+                            train_on_responses_only=False, max_seq_length=max_length),
     )
 
 
@@ -220,6 +221,22 @@ class TurnTaker:
                     self.current = self._next(name) if len(self.order) > 1 else None
                 self.order.remove(name)
             self.cond.notify_all()
+
+
+def _trim_memory() -> None:
+    """glibc only: return freed heap memory to the system (else RSS keeps every arm's largest step)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _one_malloc_arena() -> None:
+    """glibc only: one heap for all threads, so that memory one arm frees is reused by the next."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = 1
+    except (OSError, AttributeError):
+        pass
 
 
 class RssSampler:
@@ -307,6 +324,7 @@ def _step_callback(name: str, turns: TurnTaker, result: ArmResult, counter: Coun
     class TakeTurns(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             turns.wait(name)
+            _trim_memory()  # hand freed memory back, so that the RSS of this step starts low
             self.rss0 = rss.reset()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -329,6 +347,8 @@ def _step_callback(name: str, turns: TurnTaker, result: ArmResult, counter: Coun
             else:
                 result.peak_rss_mb = max(result.peak_rss_mb, rss.peak / 2**20)
                 result.step_peak_mb = max(result.step_peak_mb, (rss.peak - self.rss0) / 2**20)
+            print(f"  {name} step {state.global_step}: {dt:.1f} s, {batch['real']} real tokens in "
+                  f"{batch['shape'][0]}x{batch['shape'][1]}", flush=True)
             turns.done_step(name)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -463,7 +483,7 @@ def measure_memory(path: str, shapes: list[tuple[int, int]], threads: int) -> li
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["estimate_over_measured"] = row["estimate_mb"] / row["measured_mb"]
         rows.append(row)
-        print(f"  memory b={b} s={s}: estimate {row['estimate_mb']:.0f} MiB, measured {row['measured_mb']:.0f} MiB", flush=True)
+        print(f"  memory {b}x{s} s={s}: estimate {row['estimate_mb']:.0f} MiB, measured {row['measured_mb']:.0f} MiB", flush=True)
     return rows
 
 
@@ -471,7 +491,7 @@ def measure_memory(path: str, shapes: list[tuple[int, int]], threads: int) -> li
 def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 2, batch_size: int = 8,
                   min_len: int = 20, max_len: int = 400, heldout: int = 8, threads: int | None = None,
                   memory_shapes: list[tuple[int, int]] | None = None, out_dir: Path | None = RESULTS_DIR,
-                  workdir: Path | None = None) -> dict:
+                  workdir: Path | None = None, max_length: int = MAX_LENGTH) -> dict:
     """Run the whole benchmark and return the report as a dict (also written to `out_dir`).
 
     Args:
@@ -484,6 +504,7 @@ def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 2, bat
         heldout: held-out examples for the loss checks.
         threads: torch CPU threads (default: torch's choice).
         memory_shapes: (batch, seq_len) pairs for the estimate-vs-measured table ([] = skip).
+        max_length: truncation length of every arm, and the width `plain_fixed` pads to.
         out_dir: where report.md, results.csv, memory.csv and throughput.png go (None = nowhere).
         workdir: scratch folder (default: a temporary one).
     """
@@ -494,6 +515,7 @@ def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 2, bat
     warnings.filterwarnings("ignore", category=FutureWarning)
     if threads:
         torch.set_num_threads(threads)
+    _one_malloc_arena()
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     work = Path(workdir or tmp.name)
@@ -504,10 +526,11 @@ def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 2, bat
 
     chats = make_examples(tokenizer, steps * batch_size, min_len, max_len, seed=0)
     held = make_examples(tokenizer, heldout, min_len, max_len, seed=1)
-    data = {"plain_dynamic": plain_dataset(chats, tokenizer), "kit": kit_dataset(chats, tokenizer)}
+    data = {"plain_dynamic": plain_dataset(chats, tokenizer, max_length=max_length),
+            "kit": kit_dataset(chats, tokenizer, max_length=max_length)}
     if fixed_steps:
-        data["plain_fixed"] = plain_dataset(chats[: fixed_steps * batch_size], tokenizer, fixed=True)
-    settings = kit_settings(path, steps, batch_size)
+        data["plain_fixed"] = plain_dataset(chats[: fixed_steps * batch_size], tokenizer, fixed=True, max_length=max_length)
+    settings = kit_settings(path, steps, batch_size, max_length)
 
     models = {"plain_dynamic": plain_peft(path), "kit": kit_peft(path, settings)}
     if fixed_steps:
@@ -516,7 +539,7 @@ def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 2, bat
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
 
     # Loss check 1: padding does not change the loss of a token (same computation).
-    held_set = kit_dataset(held, tokenizer)
+    held_set = kit_dataset(held, tokenizer, max_length=max_length)
     held_ids, held_labels = heldout_labels(held_set, tokenizer)
     alone = per_example_losses(models["kit"], tokenizer, held_ids, held_labels, padded=False)
     in_batch = per_example_losses(models["plain_dynamic"], tokenizer, held_ids, held_labels, padded=True)
@@ -555,8 +578,8 @@ def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 2, bat
     report = {
         "model": model, "model_path": path, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(), "batch_size": batch_size, "steps": steps, "heldout": heldout, "fixed_steps": fixed_steps,
-        "n_examples": len(chats), "lengths": {"min": min(data["kit"]["length"]), "max": max(data["kit"]["length"]),
+        "load_average": os.getloadavg(), "batch_size": batch_size, "steps": steps, "heldout": heldout, "max_length": max_length, "fixed_steps": fixed_steps,
+        "n_examples": len(chats), "lengths_arg": [min_len, max_len], "lengths": {"min": min(data["kit"]["length"]), "max": max(data["kit"]["length"]),
                                               "mean": sum(data["kit"]["length"]) / len(chats)},
         "kit_lengths": list(data["kit"]["length"]),
         "plain_lengths": [len(x) for x in data["plain_dynamic"]["input_ids"]],
@@ -682,7 +705,7 @@ def render_markdown(r: dict) -> str:
         "",
         "Peak RSS is the whole process (all arms' models are loaded at once); the memory table below measures "
         "one shape per fresh process. `plain_fixed` pads every example to "
-        f"{MAX_LENGTH} tokens and runs {r['fixed_steps']} steps only, so its losses do not compare.",
+        f"{r['max_length']} tokens and runs {r['fixed_steps']} steps only, so its losses do not compare.",
         "",
         "## Equal loss on the same tokens",
         "",
@@ -718,7 +741,8 @@ def render_markdown(r: dict) -> str:
         lines += ["", "Estimate parts of the last row (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()) + "."]
     lines += ["", "![throughput](throughput.png)", "",
               f"Reproduce: `python benchmarks/throughput.py --model {r['model']} --steps {r['steps']} "
-              f"--fixed-steps {r['fixed_steps']}`", ""]
+              f"--fixed-steps {r['fixed_steps']} --max-len {r['lengths_arg'][1]} --min-len {r['lengths_arg'][0]} "
+              f"--max-length {r['max_length']} --heldout {r['heldout']}`", ""]
     return "\n".join(lines)
 
 
@@ -731,6 +755,7 @@ def main(argv=None) -> dict:
     p.add_argument("--min-len", type=int, default=20)
     p.add_argument("--max-len", type=int, default=400)
     p.add_argument("--heldout", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="truncation length; plain_fixed pads to it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--memory", default="1x128,4x128,8x256", help="batch x seq_len shapes for the memory table")
     p.add_argument("--no-memory", action="store_true")
@@ -738,7 +763,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     shapes = [] if a.no_memory else [tuple(int(v) for v in s.split("x")) for s in a.memory.split(",") if s]
     report = run_benchmark(a.model, a.steps, a.fixed_steps, a.batch_size, a.min_len, a.max_len, a.heldout,
-                           a.threads, shapes, Path(a.out))
+                           a.threads, shapes, Path(a.out), max_length=a.max_length)
     print(render_markdown(report))
     return report
 
