@@ -306,6 +306,13 @@ def train(
         folder.write_run(model=model_fingerprint(peft_model), model_name_or_path=settings.model_name_or_path,
                          created=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
     else:
+        if folder.settings_file.exists() and folder.settings_file.read_text(encoding="utf-8") != settings_yaml(settings):
+            warnings.warn(
+                f"The settings differ from the ones saved in {folder.settings_file}; the resumed steps use the "
+                "new ones, so the run no longer matches an uninterrupted one. Load the saved settings to "
+                "continue the same run.",
+                stacklevel=2,
+            )
         _trim_log(folder, folder.check_checkpoint(checkpoint))
         folder.write_run(status="running", resumed_from=checkpoint.name)
 
@@ -332,7 +339,8 @@ def train(
     adapter_dir = None
     if trainer.state.global_step > 0:
         adapter_dir = save_adapter(peft_model, folder.adapter_dir)
-        trainer.state.save_to_json(str(folder.path / "trainer_state.json"))
+        write_text_atomic(folder.path / "trainer_state.json",
+                          json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True, default=str) + "\n")
     step, max_steps = trainer.state.global_step, trainer.state.max_steps
     status = "interrupted" if interrupted else ("stopped" if step < max_steps else "finished")  # stopped: by a callback
     folder.write_run(status=status, global_step=step,
