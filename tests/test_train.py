@@ -88,6 +88,7 @@ def test_training_lowers_the_loss_and_fills_the_run_folder(uninterrupted):
     assert state["global_step"] == 8
     assert not folder.checkpoints()  # save_steps unset: no checkpoints
     assert not any(p.name.startswith(".") for p in result.run_dir.iterdir())  # no staging leftovers
+    assert folder.run_file.stat().st_mode & 0o044 and folder.adapter_dir.stat().st_mode & 0o055  # readable by others
 
 
 def test_stopped_and_resumed_run_matches_the_uninterrupted_one(tiny, uninterrupted, tmp_path):
