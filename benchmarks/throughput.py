@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -142,11 +141,12 @@ def model_path(name: str, workdir: Path) -> str:
 
 def kit_settings(path: str, steps: int, batch_size: int, max_length: int = MAX_LENGTH):
     """The kit's settings for the benchmark run (same hyperparameters as the plain arm)."""
-    from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
+    from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 
     return KitSettings(
         model_name_or_path=path,
         lora=LoraSettings(**LORA, target_modules="all-linear"),
+        quant=QuantSettings(load_in="none"),  # fp32 base, as loaded by load_base
         train=TrainSettings(learning_rate=LEARNING_RATE, max_steps=steps, per_device_train_batch_size=batch_size,
                             seed=SEED, precision="fp32", logging_steps=1, group_by_length=True,
                             train_on_responses_only=False, max_seq_length=max_length),
@@ -461,7 +461,8 @@ ids = torch.randint(10, 1000, (b, s))
 for _ in range(2):  # the second step holds the optimizer states too
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step(); opt.zero_grad(set_to_none=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"batch_size": b, "seq_len": s, "measured_mb": (peak - base_rss) / 2**20,
                   "peak_rss_mb": peak / 2**20, "base_rss_mb": base_rss / 2**20,
                   "estimate_mb": est.total_bytes / 2**20,
@@ -473,7 +474,7 @@ def measure_memory(path: str, shapes: list[tuple[int, int]], threads: int) -> li
     """Peak RSS of two training steps per (batch, seq_len), each in a fresh process, vs `estimate_memory`.
 
     Measured = peak RSS minus the RSS after importing torch/transformers/peft (the libraries'
-    own memory, which the estimate does not count). On CPU only.
+    own memory, which the estimate does not count). Linux, CPU only (reads VmHWM).
     """
     rows = []
     root = str(Path(__file__).resolve().parents[1])
@@ -488,7 +489,7 @@ def measure_memory(path: str, shapes: list[tuple[int, int]], threads: int) -> li
 
 
 # ------------------------------------------------------------------------------------------ report
-def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 2, batch_size: int = 8,
+def run_benchmark(model: str = "demo", steps: int = 6, fixed_steps: int = 1, batch_size: int = 8,
                   min_len: int = 20, max_len: int = 400, heldout: int = 8, threads: int | None = None,
                   memory_shapes: list[tuple[int, int]] | None = None, out_dir: Path | None = RESULTS_DIR,
                   workdir: Path | None = None, max_length: int = MAX_LENGTH) -> dict:
@@ -739,6 +740,20 @@ def render_markdown(r: dict) -> str:
                          f"{m['estimate_over_measured']:.2f} |")
         parts = r["memory"][-1]["parts_mb"]
         lines += ["", "Estimate parts of the last row (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()) + "."]
+    lines += [
+        "",
+        "## Caveats",
+        "",
+        "- Timings come from a shared CPU (see the load average above): the arms alternate step by step so "
+        "that each sees the same load, but single step times still vary; compare ratios, not absolute speeds.",
+        "- Length grouping keeps every token's loss the same (padding invariance above) but not the weight of "
+        "a token in the update: `Trainer` averages the loss per batch, so tokens in a short batch weigh more "
+        "than in a random batch. The held-out check bounds the effect on what the adapter learns.",
+        "- `final loss` is the loss of each arm's last batch, which holds different examples in each arm; "
+        "`mean loss` averages all steps (every example once). The held-out loss is the like-for-like comparison.",
+        "- Peak RSS in the table above is the whole process with all arms' models; per-step memory is "
+        "compared with the estimate in the memory table.",
+    ]
     lines += ["", "![throughput](throughput.png)", "",
               f"Reproduce: `python benchmarks/throughput.py --model {r['model']} --steps {r['steps']} "
               f"--fixed-steps {r['fixed_steps']} --max-len {r['lengths_arg'][1]} --min-len {r['lengths_arg'][0]} "
@@ -750,7 +765,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo", help="demo, tiny, or a model folder")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps of plain_dynamic and kit")
-    p.add_argument("--fixed-steps", type=int, default=2, help="optimizer steps of plain_fixed (0 = skip)")
+    p.add_argument("--fixed-steps", type=int, default=1, help="optimizer steps of plain_fixed (0 = skip)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-len", type=int, default=20)
     p.add_argument("--max-len", type=int, default=400)
