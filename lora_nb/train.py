@@ -203,7 +203,7 @@ def settings_yaml(settings) -> str:
     try:
         from . import formats  # type: ignore[attr-defined]
 
-        return formats.settings_to_yaml(settings)
+        return formats.dump_settings(settings)
     except (ImportError, AttributeError):
         import yaml
 
