@@ -1,0 +1,54 @@
+"""lora-nb: LoRA and QLoRA fine-tuning of causal language models from Jupyter notebooks.
+
+The stages, one module each: `environment` (what this machine can do), `demo` (the offline demo
+model), `loading` (4-bit/8-bit/full-precision loading), `settings` + `presets` + `formats` (the
+single definition of every knob, its validation and YAML/JSON forms), `targets` + `estimate`
+(adaptable layers, exact trainable counts, memory), `data` + `batching` (tokenizing, masking,
+length grouping), `train` (Trainer with run folders and resume), `evaluate` + `runs` (before/after,
+adapters, merging, comparing runs), `plots` and `widgets` (what the notebooks display), `pipeline`
+(the headless run behind `python -m lora_nb run`).
+"""
+
+from .loading import load_model  # first: it also quiets bitsandbytes' optional-kernel message
+from .demo import DEMO_MODEL_ID, demo_model_path, resolve_model
+from .errors import (
+    ConfigFileError,
+    DataError,
+    LoraNbError,
+    ModelLoadError,
+    QuantizationUnavailable,
+    RunFolderError,
+    SettingsError,
+)
+from .estimate import count_trainable, estimate_memory
+from .formats import load_settings, save_settings
+from .presets import PRESETS, get_preset
+from .settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+from .targets import find_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEMO_MODEL_ID",
+    "PRESETS",
+    "ConfigFileError",
+    "DataError",
+    "KitSettings",
+    "LoraNbError",
+    "LoraSettings",
+    "ModelLoadError",
+    "QuantSettings",
+    "QuantizationUnavailable",
+    "RunFolderError",
+    "SettingsError",
+    "TrainSettings",
+    "count_trainable",
+    "demo_model_path",
+    "estimate_memory",
+    "find_targets",
+    "get_preset",
+    "load_model",
+    "load_settings",
+    "resolve_model",
+    "save_settings",
+]

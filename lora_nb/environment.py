@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
-import warnings
 from dataclasses import dataclass
 
 from .demo import DEMO_MODEL_ID, find_demo_gguf, hub_reachable
 from .errors import ModelLoadError
+from .loading import quantization_available
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "ipywidgets", "matplotlib")
 
@@ -43,7 +43,7 @@ def check_environment(probe_hub: bool = True) -> list[Check]:
     checks = [Check("Python", sys.version_info >= (3, 10), platform.python_version(), _python_advice())]
     checks += [_package_check(name) for name in PACKAGES]
     checks.append(_gpu_check())
-    checks.append(_four_bit_check())
+    checks += [_quantization_check("4bit"), _quantization_check("8bit")]
     if probe_hub:
         checks.append(_hub_check())
     checks.append(_demo_model_check())
@@ -92,30 +92,11 @@ def _gpu_advice(gib: float) -> str:
     return f"QLoRA (4-bit) fits models up to roughly {largest}B parameters at short sequence lengths"
 
 
-def four_bit_available() -> tuple[bool, str]:
-    """Whether bitsandbytes can quantize and run a layer in 4-bit here, by trying it on a tiny one."""
-    import torch
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes as bnb
-    except ImportError as err:
-        return False, f"bitsandbytes cannot be imported ({err}); 4-bit and 8-bit loading are off"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        layer = bnb.nn.Linear4bit(16, 8, bias=False, quant_type="nf4", compute_dtype=torch.float32).to(device)
-        layer(torch.ones(1, 16, device=device))
-    except Exception as err:  # any backend failure means "not available", reported in words
-        return False, f"bitsandbytes {bnb.__version__} has no working 4-bit backend on {device}: {err}"
-    where = "CUDA" if device == "cuda" else "CPU backend (slower than a GPU, but correct)"
-    return True, f"bitsandbytes {bnb.__version__} runs 4-bit NF4 on the {where}"
-
-
-def _four_bit_check() -> Check:
-    ok, detail = four_bit_available()
-    advice = "" if ok else "the kit loads models in full precision instead (more memory, same results)"
-    return Check("4-bit (bitsandbytes)", ok, detail, advice)
+def _quantization_check(load_in: str) -> Check:
+    ok, detail = quantization_available(load_in)
+    where = "CUDA" if "cuda" in detail else "CPU backend: slower than a GPU, but correct"
+    advice = where if ok else "the kit loads models in full precision instead (more memory, same results)"
+    return Check(f"{load_in[0]}-bit (bitsandbytes)", ok, detail, advice)
 
 
 def _hub_check() -> Check:

@@ -15,9 +15,10 @@ def test_report_lists_every_package_with_its_version():
         assert by_name[name].ok, by_name[name]
 
 
-def test_four_bit_probe_really_quantizes_here():
-    ok, detail = environment.four_bit_available()
-    assert ok and "4-bit NF4" in detail
+def test_quantization_probes_really_quantize_here():
+    checks = {c.name: c for c in environment.check_environment(probe_hub=False)}
+    assert checks["4-bit (bitsandbytes)"].ok and "runs 4bit on cpu" in checks["4-bit (bitsandbytes)"].detail
+    assert checks["8-bit (bitsandbytes)"].ok and "CPU backend" in checks["8-bit (bitsandbytes)"].advice
 
 
 def test_no_gpu_is_explained_in_words(monkeypatch):
