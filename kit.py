@@ -1,6 +1,6 @@
 """Set up lora-nb in a local virtual environment and run its main job, its tests, or JupyterLab.
 
-    python kit.py demo    # set up, then run the whole pipeline on the demo model -> runs/demo/
+    python kit.py demo    # set up, then run the whole pipeline on the demo model -> runs/demo-<date>-<time>/
     python kit.py test    # set up, then run the whole test suite, notebooks included
     python kit.py lab     # set up, then open JupyterLab at notebooks/
     python kit.py setup   # only set up
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     python = setup()
     offline = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     if command == "demo":
-        run(python, "-m", "lora_nb", "run", "--out", "runs/demo", *argv[1:], env=os.environ.copy())
+        run(python, "-m", "lora_nb", "run", *argv[1:], env=os.environ.copy())
     elif command == "test":
         install_chromium()
         run(python, *TEST_COMMAND, *argv[1:], env=offline)

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="base model hub ID or folder (default: from the settings, the demo model)")
     run.add_argument("--data", help="training examples .jsonl/.json/.csv (default: the demo task's)")
     run.add_argument("--heldout", help="held-out examples (default: the demo task's)")
-    run.add_argument("--out", default="runs/demo", help="run folder to write (default: runs/demo)")
+    run.add_argument("--out", help="run folder to write (default: a new runs/demo-<date>-<time>/)")
     run.add_argument("--quant", choices=["4bit", "8bit", "none"], help="override quant.load_in")
     run.add_argument("--max-steps", type=int, help="override train.max_steps")
     run.add_argument("--limit", type=int, help="evaluate on the first N held-out examples only")
@@ -35,13 +35,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.resume and not args.out:
+        parser.error("--resume needs --out: the run folder to continue")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from .pipeline import run_pipeline
+    from .runs import new_run_dir
 
     try:
-        run_pipeline(args.config, model=args.model, data=args.data, heldout=args.heldout, out=args.out,
+        out = args.out or new_run_dir("runs", "demo")
+        run_pipeline(args.config, model=args.model, data=args.data, heldout=args.heldout, out=out,
                      preset=args.preset, quant=args.quant, max_steps=args.max_steps, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, resume=args.resume)
     except LoraNbError as err:  # the kit's errors already say what to do: no stack trace

@@ -286,8 +286,7 @@ def train(
     """
     import torch
     import transformers
-    from transformers import Trainer
-
+    from .batching import LengthGroupedTrainer
     from .data import PadCollator
 
     folder = RunFolder(run_dir)
@@ -324,7 +323,7 @@ def train(
         _trim_log(folder, folder.check_checkpoint(checkpoint))
         folder.write_run(status="running", resumed_from=checkpoint.name)
 
-    trainer = Trainer(
+    trainer = LengthGroupedTrainer(
         model=peft_model,
         args=args,
         train_dataset=train_set,

@@ -184,20 +184,17 @@ def test_notebook_progress_bar_has_its_widget():
 # ------------------------------------------------------------------------------ demo model (slow)
 @pytest.fixture(scope="module")
 def demo_run(demo_model_dir, tmp_path_factory):
-    """Train the demo recipe once; measure held-out loss and task metric before and after."""
-    import importlib.util
-    from pathlib import Path
+    """The main job (`python -m lora_nb run`) on the demo model: train the demo-cpu recipe, evaluate before/after."""
+    from lora_nb.pipeline import run_pipeline
 
-    spec = importlib.util.spec_from_file_location("measure_demo", Path(__file__).parent.parent / "scripts" / "measure_demo.py")
-    measure = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(measure)
-    return measure.measure(demo_model_dir, tmp_path_factory.mktemp("demo") / "run", general=False)
+    return run_pipeline(model=demo_model_dir, out=tmp_path_factory.mktemp("demo") / "run", log=lambda _: None)
 
 
 @pytest.mark.slow
 def test_demo_recipe_margins(demo_run):
-    before, after = demo_run["before"], demo_run["after"]
+    before, after = demo_run.metrics["before"], demo_run.metrics["after"]
+    assert demo_run.metrics["n_examples"] == 30 and demo_run.train.global_step == 20
     assert after["heldout_loss"] < 0.5 * before["heldout_loss"]
     assert before["exact_match"] <= 0.1
-    assert after["exact_match"] >= 0.6
-    assert demo_run["steps"] == 20
+    assert after["exact_match"] >= 0.6 and after["exact_match"] >= before["exact_match"] + 0.4
+    assert after["valid_json"] >= 0.9
