@@ -143,6 +143,11 @@ def resolve_model(name_or_path: str) -> str:
                 "folder. Point to the folder that `save_pretrained` wrote, or use a hub ID."
             )
         return str(path)
+    if _looks_like_path(name_or_path):  # not a hub ID either: say so instead of huggingface_hub's repo-id error
+        raise ModelLoadError(
+            f"Model folder {str(path)!r} does not exist. Check the path (a relative one starts from "
+            f"{Path.cwd()}), or use a hub ID such as {DEMO_MODEL_ID!r}."
+        )
     if name_or_path == DEMO_MODEL_ID and not hub_reachable():
         return str(demo_model_path())
     if not hub_reachable() and not _in_hub_cache(name_or_path):
@@ -154,11 +159,20 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def _looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a path: hub IDs are `name` or `owner/name`, never absolute or deeper."""
+    return (Path(name).is_absolute() or name.startswith(("./", "../", "~", ".\\")) or name.count("/") > 1
+            or "\\" in name)
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     """Whether the hub cache already holds a config for `repo_id`."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # huggingface_hub's HFValidationError: not a valid repo ID
+        return False
 
 
 def build_tiny_model(target: Path, vocab_size: int = 512, hidden_size: int = 64, layers: int = 2) -> Path:

@@ -347,6 +347,7 @@ def save_settings(settings: KitSettings, path: str | os.PathLike, form: Form = "
     """
     text = dump_settings(settings, form)
     path = Path(path)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -354,7 +355,10 @@ def save_settings(settings: KitSettings, path: str | os.PathLike, form: Form = "
             handle.write(text)
         os.replace(tmp, path)
     except OSError as err:
-        raise ConfigFileError(f"cannot write settings file {str(path)!r}: {err}") from err
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # no temporary file left behind; the old file is untouched
+        raise ConfigFileError(f"cannot write settings file {str(path)!r}: {err}; the previous file, if any, is "
+                              "unchanged. Free some disk space or choose a writable folder.") from err
     return lost_in_form(settings, form)
 
 

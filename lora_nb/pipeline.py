@@ -14,6 +14,7 @@ folder:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -58,7 +59,16 @@ def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, mo
     if config is not None:
         from .formats import load_settings
 
-        settings = load_settings(Path(config)).settings
+        loaded = load_settings(Path(config))
+        settings = loaded.settings
+        if loaded.unknown_keys:
+            # Often a misspelled key (lora_rr): say so rather than train with the default in silence.
+            warnings.warn(
+                f"{config}: the kit does not use the keys {sorted(loaded.unknown_keys)}; they are ignored and "
+                "their settings keep the defaults. Check their spelling against the kit's YAML "
+                "(formats.dump_settings) or an axolotl config.",
+                stacklevel=2,
+            )
     else:
         from .presets import get_preset
 

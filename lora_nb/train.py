@@ -162,39 +162,76 @@ def _umask() -> int:
     return mask
 
 
+def _cannot_write(path: Path, err: OSError) -> RunFolderError:
+    """The kit's error for a failed write (disk full, read-only folder): what, why, and what to do."""
+    reason = err.strerror or str(err)
+    return RunFolderError(
+        f"Cannot write {path}: {reason}. Nothing was overwritten (the previous {path.name}, if any, is "
+        "unchanged). Free some disk space or choose a writable folder, then try again."
+    )
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+    """Write a text file so that readers see the old or the new content, never half of it.
+
+    Raises:
+        RunFolderError: the file cannot be written (disk full, read-only folder); the previous
+            file is left as it was and no temporary file stays behind.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, RunFolderError):
+            raise
+        raise _cannot_write(path, err) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def save_adapter(model, target: Path) -> Path:
-    """Save the adapter to `target` atomically: written next to it, then swapped in."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+    """Save the adapter to `target` atomically: written next to it, then swapped in.
+
+    Raises:
+        RunFolderError: the adapter cannot be written (disk full, read-only folder); an adapter
+            already in `target` is left as it was and no staging folder stays behind.
+    """
+    staging = None
+    old = target.with_name(f".{target.name}.old")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         model.save_pretrained(staging)
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous adapter back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, target)
+    except OSError as err:
+        if isinstance(err, RunFolderError):
+            raise
+        raise _cannot_write(target, err) from err
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -280,8 +317,9 @@ def train(
 
     Raises:
         RunFolderError: `resume` with no resumable checkpoint, a corrupt one, or a run folder of
-            another model; or, without `resume`, a folder that already holds a run.
-        SettingsError: the settings are invalid.
+            another model; without `resume`, a folder that already holds a run; or the run folder
+            cannot be written (disk full, read-only).
+        SettingsError: the settings are invalid, or name layers the model does not have.
         DataError: the data cannot be read or tokenized.
     """
     import torch
@@ -306,7 +344,10 @@ def train(
         overrides["use_cpu"] = True
     args = settings.to_training_args(str(folder.path), **overrides)
 
-    folder.path.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cannot_write(folder.path, err) from err
     if checkpoint is None:
         write_text_atomic(folder.settings_file, settings_yaml(settings))
         folder.log_file.unlink(missing_ok=True)
@@ -373,6 +414,9 @@ def _with_adapter(model, settings):
 
     if isinstance(model, PeftModel):
         return model
+    # Check the names and layer indices against the model first: peft adapts a partly misspelled
+    # target list silently, and answers names that match nothing with its own error type.
+    settings.lora.check(model)
     config = settings.lora.to_peft(model)
     with warnings.catch_warnings():
         # peft 0.21 calls a deprecated transformers property on every wrap; not the user's concern.
@@ -411,14 +455,29 @@ def _checkpoint_to_resume(folder: RunFolder, model) -> Path:
             f"{current['name_or_path']!r} ({current['model_type']}, hidden size {current['hidden_size']}). "
             "Load that model to continue it, or start a new run in another folder."
         )
-    checkpoint = folder.last_checkpoint()
-    if checkpoint is None:
+    checkpoints = folder.checkpoints()
+    if not checkpoints:
         raise RunFolderError(
             f"Cannot resume: {folder.path} holds no checkpoint-N folder. Checkpoints are written every "
             "train.save_steps steps and when training is interrupted; start a new run with resume=False."
         )
-    folder.check_checkpoint(checkpoint)
-    return checkpoint
+    # A process killed while writing a checkpoint leaves it incomplete (Trainer writes
+    # trainer_state.json last): resume from the newest complete one and say so.
+    first_error, skipped = None, []
+    for checkpoint in reversed(checkpoints):
+        try:
+            folder.check_checkpoint(checkpoint)
+        except RunFolderError as err:
+            first_error, skipped = first_error or err, [*skipped, checkpoint.name]
+            continue
+        if skipped:
+            warnings.warn(
+                f"Skipping incomplete {', '.join(skipped)} in {folder.path} (the run was probably stopped while "
+                f"writing it): resuming from {checkpoint.name}; the steps after it are trained again.",
+                stacklevel=3,
+            )
+        return checkpoint
+    raise first_error
 
 
 def _trim_log(folder: RunFolder, step: int) -> None:

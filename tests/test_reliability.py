@@ -1,0 +1,292 @@
+"""Reliability: the rows of docs/errors.md not already covered by a module's own tests.
+
+Each test feeds the kit one bad input or failure (a layer the model lacks, a full disk, a half-written
+checkpoint...) and asserts on the kit's answer: an exception of its own type, or a warning where
+training can go on, whose message names the value and what to do; and that nothing the user already
+had is overwritten or lost. Everything runs on the tiny model in a few steps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from lora_nb import formats, train as train_module
+from lora_nb.__main__ import main
+from lora_nb.data import load_examples
+from lora_nb.demo_task import demo_data_paths
+from lora_nb.errors import ConfigFileError, DataError, RunFolderError, SettingsError
+from lora_nb.formats import load_settings, save_settings
+from lora_nb.pipeline import configure
+from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
+from lora_nb.train import RunFolder, _with_adapter, save_adapter, train, write_text_atomic
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # "No space left on device"
+EACCES = PermissionError(errno.EACCES, os.strerror(errno.EACCES))  # "Permission denied"
+
+
+def small_settings(model_dir: str, lora: LoraSettings | None = None, **train_kwargs) -> KitSettings:
+    base = dict(learning_rate=1e-2, max_steps=2, per_device_train_batch_size=2, logging_steps=1, seed=0,
+                precision="fp32", max_seq_length=96)
+    return KitSettings(model_name_or_path=model_dir, lora=lora or LoraSettings(r=4, lora_alpha=8),
+                       train=TrainSettings(**(base | train_kwargs)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_examples(demo_data_paths()[0]).select(range(8))
+
+
+def fresh_model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden temporary files or folders a failed write could leave behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# ------------------------------------------------------------------------- settings against the model
+@pytest.mark.parametrize("targets,named", [(["nope"], "['nope']"), (["q_proj", "v_prj"], "['v_prj']")])
+def test_targets_the_model_lacks_are_refused_before_training(tiny_model_dir, tokenizer, examples, tmp_path, targets, named):
+    settings = small_settings(tiny_model_dir, LoraSettings(target_modules=targets))
+    with pytest.raises(SettingsError) as err:
+        train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / "run")
+    assert str(err.value).startswith(f"target_modules {named} not found in the model (peft would skip them silently)")
+    assert "its adaptable layers are ['q_proj', 'k_proj', 'v_proj'" in str(err.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_layers_beyond_the_model_are_refused_before_training(tiny_model_dir, tokenizer, examples, tmp_path):
+    settings = small_settings(tiny_model_dir, LoraSettings(target_modules=["q_proj"], layers_to_transform=[0, 5]))
+    with pytest.raises(SettingsError, match=r"^layers_to_transform \[5\] outside the model's blocks 0 to 1$"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------- settings files
+def test_unknown_keys_in_a_settings_file_are_named(tiny_model_dir, tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"base_model: {tiny_model_dir}\nadapter: lora\nlora_rr: 32\nlora_alpha: 16\n")
+    assert load_settings(path).unknown_keys == {"lora_rr": 32}
+    with pytest.warns(UserWarning, match=r"typo\.yaml: the kit does not use the keys \['lora_rr'\]; they are ignored"):
+        settings = configure(path)
+    assert settings.lora.r == LoraSettings().r and settings.lora.lora_alpha == 16
+
+
+def test_cli_with_a_model_path_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "no-model"
+    assert main(["run", "--model", str(missing), "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"lora-nb: Model folder {str(missing)!r} does not exist. Check the path (a relative one starts from {Path.cwd()}), or use a hub ID such as 'HuggingFaceTB/SmolLM2-135M-Instruct'.\n"
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_bad_data_file_stops_train_before_anything_is_written(tiny_model_dir, tokenizer, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(chat) + "\n\n" + json.dumps(chat) + "\n{\"messages\": [\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:4: not valid JSON .*one complete JSON object"):
+        train(fresh_model(tiny_model_dir), tokenizer, data, small_settings(tiny_model_dir), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_examples_longer_than_max_length_warn_and_training_goes_on(tiny_model_dir, tokenizer, examples, tmp_path):
+    settings = small_settings(tiny_model_dir, max_seq_length=40, max_steps=1)
+    with pytest.warns(UserWarning, match=r"^\d+ of 8 examples were longer than max_length=40 tokens \(longest: \d+\)"):
+        result = train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / "run")
+    assert result.global_step == 1 and RunFolder(result.run_dir).read_run()["status"] == "finished"
+
+
+# ------------------------------------------------------------------------------------ run folders
+@pytest.fixture
+def checkpointed_run(tiny_model_dir, tokenizer, examples, tmp_path):
+    """A finished 2-step run with checkpoint-1 and checkpoint-2."""
+    settings = small_settings(tiny_model_dir, save_steps=1)
+    run = tmp_path / "run"
+    train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run)
+    assert [p.name for p in RunFolder(run).checkpoints()] == ["checkpoint-1", "checkpoint-2"]
+    return settings, run
+
+
+def test_half_written_checkpoint_is_skipped_with_a_warning(checkpointed_run, tiny_model_dir, tokenizer, examples):
+    settings, run = checkpointed_run
+    # A process killed while saving leaves the checkpoint without trainer_state.json (written last).
+    (run / "checkpoint-2" / "trainer_state.json").unlink()
+    with pytest.warns(UserWarning, match=r"Skipping incomplete checkpoint-2 .*resuming from checkpoint-1"):
+        result = train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run, resume=True)
+    assert result.global_step == 2 and [s for s, _ in result.train_losses] == [1, 2]
+    assert RunFolder(run).read_run()["resumed_from"] == "checkpoint-1"
+
+
+def test_no_complete_checkpoint_and_missing_run_json(checkpointed_run, tiny_model_dir, tokenizer, examples):
+    settings, run = checkpointed_run
+    for name in ("checkpoint-1", "checkpoint-2"):
+        (run / name / "adapter_model.safetensors").unlink()
+    with pytest.raises(RunFolderError, match=r"checkpoint-2 is corrupt: it holds no adapter weights .*Delete that folder"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run, resume=True)
+    (run / "run.json").unlink()
+    with pytest.raises(RunFolderError, match=r"holds no run\.json, so it is not a run folder of this kit"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run, resume=True)
+
+
+# ----------------------------------------------------------------------- disk full, read-only folders
+def _failing_replace(monkeypatch, error: OSError, after: int = 0):
+    """os.replace fails once with `error`, at call number `after` + 1 (a full disk, a read-only folder)."""
+    real, calls = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) == after + 1:
+            raise error
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_full_disk_keeps_the_previous_settings_file(tmp_path, monkeypatch):
+    path = tmp_path / "settings.yaml"
+    save_settings(KitSettings(lora=LoraSettings(r=4)), path)
+    before = path.read_bytes()
+    _failing_replace(monkeypatch, ENOSPC)
+    with pytest.raises(ConfigFileError, match=r"cannot write settings file .*settings\.yaml.*No space left on device.*unchanged"):
+        save_settings(KitSettings(lora=LoraSettings(r=64)), path)
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_failed_write_inside_the_file_keeps_the_previous_settings_file(tmp_path, monkeypatch):
+    path = tmp_path / "settings.yaml"
+    save_settings(KitSettings(lora=LoraSettings(r=4)), path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullFile:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, text):
+            raise ENOSPC
+
+    monkeypatch.setattr(formats.os, "fdopen", lambda *a, **k: FullFile(real_fdopen(*a, **k)))
+    with pytest.raises(ConfigFileError, match="No space left on device"):
+        save_settings(KitSettings(lora=LoraSettings(r=64)), path)
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_full_disk_keeps_the_previous_run_file(tmp_path, monkeypatch):
+    path = tmp_path / "run.json"
+    write_text_atomic(path, '{"status": "finished"}\n')
+    _failing_replace(monkeypatch, ENOSPC)
+    with pytest.raises(RunFolderError) as err:
+        write_text_atomic(path, '{"status": "running"}\n')
+    assert str(err.value) == (
+        f"Cannot write {path}: No space left on device. Nothing was overwritten (the previous run.json, if any, "
+        "is unchanged). Free some disk space or choose a writable folder, then try again.")
+    assert isinstance(err.value, OSError)  # code that caught OSError still does
+    assert path.read_text() == '{"status": "finished"}\n' and leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir):
+    torch.manual_seed(0)
+    return _with_adapter(fresh_model(tiny_model_dir), small_settings(tiny_model_dir))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("failing", ["save_pretrained", "swap"])
+def test_full_disk_keeps_the_previous_adapter(peft_model, tmp_path, monkeypatch, failing):
+    target = tmp_path / "adapter"
+    save_adapter(peft_model, target)
+    before = _files(target)
+    if failing == "save_pretrained":  # the disk fills while the new adapter is written
+        monkeypatch.setattr(peft_model, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(ENOSPC))
+    else:  # old adapter moved aside, then moving the new one in fails
+        _failing_replace(monkeypatch, ENOSPC, after=1)
+    with pytest.raises(RunFolderError, match=r"Cannot write .*adapter: No space left on device\. Nothing was overwritten"):
+        save_adapter(peft_model, target)
+    monkeypatch.undo()
+    assert _files(target) == before and leftovers(tmp_path) == []
+
+
+def test_read_only_output_folder_stops_train_before_training(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
+    # Tests run as root, where chmod does not block writes: the folder refuses new files instead.
+    def refuse(*args, **kwargs):
+        raise EACCES
+
+    monkeypatch.setattr(train_module.tempfile, "mkstemp", refuse)
+    started = []
+
+    class Started(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            started.append(True)
+
+    with pytest.raises(RunFolderError, match=r"Cannot write .*settings\.yaml: Permission denied\. .*choose a writable folder"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), tmp_path / "run",
+              callbacks=[Started()])
+    assert started == [] and leftovers(tmp_path / "run") == []
+
+
+def test_run_folder_that_cannot_be_created(tiny_model_dir, tokenizer, examples, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run's parent folder should be")
+    with pytest.raises(RunFolderError, match=r"Cannot write .*file/run: .*Free some disk space or choose a writable folder"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), blocker / "run")
+    assert blocker.read_text().startswith("a file")
+
+
+# ----------------------------------------------------------------------------------- reproducibility
+class InitialLoraA(TrainerCallback):
+    """Copy every lora_A weight when training begins (after the adapter was created)."""
+
+    def __init__(self):
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+
+def test_same_seed_same_adapter_and_losses_whatever_the_global_rng(tiny_model_dir, tokenizer, examples, tmp_path):
+    settings = small_settings(tiny_model_dir, lora=LoraSettings(r=4, lora_alpha=8, lora_dropout=0.1))
+    runs = []
+    for i, disturb in enumerate((1, 12345)):
+        torch.manual_seed(disturb)  # different global RNG state before each call
+        random.seed(disturb)
+        torch.rand(disturb % 97 + 1)
+        probe = InitialLoraA()
+        result = train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / f"run{i}", callbacks=[probe])
+        runs.append((probe.weights, [loss for _, loss in result.train_losses]))
+    (init_a, losses_a), (init_b, losses_b) = runs
+    assert len(init_a) == 14 and init_a.keys() == init_b.keys()  # 7 linears x 2 blocks
+    assert all(torch.equal(init_a[n], init_b[n]) for n in init_a)
+    assert len(losses_a) == 2 and losses_a == losses_b
+
+    # The kit seeds before get_peft_model: without that, peft's draw of lora_A follows the global RNG.
+    torch.manual_seed(1)
+    unseeded = _with_adapter(fresh_model(tiny_model_dir), settings)
+    other = {n: p for n, p in unseeded.named_parameters() if "lora_A" in n}
+    assert other.keys() == init_a.keys() and not any(torch.equal(init_a[n], other[n]) for n in other)
