@@ -24,7 +24,7 @@ def interrupt_settings(model_dir: str) -> KitSettings:
     return KitSettings(
         model_name_or_path=model_dir,
         lora=LoraSettings(r=4, lora_alpha=8, lora_dropout=0.1),
-        train=TrainSettings(learning_rate=1e-2, max_steps=6, per_device_train_batch_size=2, logging_steps=1,
+        train=TrainSettings(learning_rate=1e-2, max_steps=4, per_device_train_batch_size=2, logging_steps=1,
                             seed=0, precision="fp32", max_seq_length=96, warmup_ratio=0.2, save_steps=1),
     )
 

@@ -1,7 +1,7 @@
 """Interruption: a training run killed with SIGKILL after a checkpoint resumes to the same losses.
 
 The run goes in a subprocess (tests/interrupt_worker.py) that is killed without warning right after
-checkpoint-3 is on disk: no KeyboardInterrupt handler, no final save, run.json still "running".
+checkpoint-2 is on disk: no KeyboardInterrupt handler, no final save, run.json still "running".
 `train(..., resume=True)` must then give per-step losses equal to an uninterrupted run: the adapter,
 optimizer, scheduler, RNG state and data order all come back from the checkpoint.
 Ctrl+C (KeyboardInterrupt) is tested in tests/test_train.py::test_ctrl_c_saves_a_checkpoint_and_the_run_resumes.
@@ -23,7 +23,7 @@ from lora_nb.train import RunFolder, train
 from tests.interrupt_worker import interrupt_data, interrupt_settings, marker
 
 ROOT = Path(__file__).resolve().parent.parent
-KILL_AFTER = 3
+KILL_AFTER = 2
 
 
 def _train(model_dir: str, run_dir: Path, resume: bool = False, checkpoints: bool = True):
@@ -71,17 +71,17 @@ def test_killed_run_resumes_to_the_same_losses(tiny_model_dir, tmp_path):
     assert folder.read_run()["status"] == "running"  # killed: nothing got to write "interrupted"
     assert folder.last_checkpoint().name == f"checkpoint-{KILL_AFTER}"
     assert not folder.adapter_dir.exists()  # no final save happened
-    assert [r["step"] for r in folder.read_log() if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in folder.read_log() if "loss" in r] == [1, 2]
 
     resumed = _train(tiny_model_dir, run, resume=True)
 
-    assert full.global_step == resumed.global_step == 6
-    assert [s for s, _ in resumed.train_losses] == [1, 2, 3, 4, 5, 6]
+    assert full.global_step == resumed.global_step == 4
+    assert [s for s, _ in resumed.train_losses] == [1, 2, 3, 4]
     expected = [loss for _, loss in full.train_losses]
     assert [loss for _, loss in resumed.train_losses] == pytest.approx(expected, abs=1e-6)
-    assert expected[3] != expected[4]  # the losses really vary from step to step
+    assert len(set(expected)) == 4  # the losses really vary from step to step
     lrs = lambda result: [h["learning_rate"] for h in result.history if "loss" in h]  # noqa: E731
     assert lrs(resumed) == pytest.approx(lrs(full), rel=1e-9)  # the scheduler went on where it stopped
     assert folder.read_run()["status"] == "finished" and folder.read_run()["resumed_from"] == f"checkpoint-{KILL_AFTER}"
-    # log.jsonl: the killed process's lines for steps 1-3, then the resumed ones, each step once.
+    # log.jsonl: the killed process's lines for steps 1-2, then the resumed ones, each step once.
     assert [r["loss"] for r in folder.read_log() if "loss" in r] == pytest.approx(expected, abs=1e-6)

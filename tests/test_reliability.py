@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -114,14 +113,21 @@ def test_examples_longer_than_max_length_warn_and_training_goes_on(tiny_model_di
 
 
 # ------------------------------------------------------------------------------------ run folders
-@pytest.fixture
-def checkpointed_run(tiny_model_dir, tokenizer, examples, tmp_path):
-    """A finished 2-step run with checkpoint-1 and checkpoint-2."""
+@pytest.fixture(scope="module")
+def checkpointed_original(tiny_model_dir, tokenizer, examples, tmp_path_factory):
+    """A finished 2-step run with checkpoint-1 and checkpoint-2, trained once."""
     settings = small_settings(tiny_model_dir, save_steps=1)
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("checkpointed") / "run"
     train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run)
     assert [p.name for p in RunFolder(run).checkpoints()] == ["checkpoint-1", "checkpoint-2"]
     return settings, run
+
+
+@pytest.fixture
+def checkpointed_run(checkpointed_original, tmp_path):
+    """A copy of that run for a test to damage."""
+    settings, original = checkpointed_original
+    return settings, Path(shutil.copytree(original, tmp_path / "run"))
 
 
 def test_half_written_checkpoint_is_skipped_with_a_warning(checkpointed_run, tiny_model_dir, tokenizer, examples):
