@@ -100,7 +100,7 @@ def ensure_run(root: str | Path = "runs", preset: str = DEFAULT_PRESET, log: Cal
     """The latest finished run under `root`; when there is none, train one with the preset first.
 
     Lets the evaluation notebook run on its own: without a run from 03_train it trains the demo
-    model on the demo data (the "demo-cpu" preset: 20 steps, about a minute on CPU).
+    model on the demo data (the "demo-cpu" preset: 12 steps, about a minute on CPU).
 
     Returns:
         The run folder.

@@ -321,7 +321,7 @@ def test_presets_are_valid_and_faithful():
     assert (demo.lora.r, demo.lora.lora_alpha, demo.lora.lora_dropout, demo.lora.target_modules) == (
         16, 32, 0.0, "all-linear")
     assert (demo.train.learning_rate, demo.train.warmup_ratio, demo.train.max_steps, demo.train.seed) == (
-        1e-3, 0.1, 20, 42)
+        1e-3, 0.1, 12, 42)
     assert demo.quant.load_in == "none" and demo.train.per_device_train_batch_size == 8
     qlora = get_preset("qlora-walkthrough")
     assert (qlora.lora.r, qlora.lora.lora_alpha, qlora.lora.target_modules, qlora.quant.load_in) == (

@@ -192,13 +192,13 @@ def demo_run(demo_model_dir, tmp_path_factory):
     """The main job (`python -m lora_nb run`) on the demo model: train the demo-cpu recipe, evaluate before/after."""
     from lora_nb.pipeline import run_pipeline
 
-    return run_pipeline(model=demo_model_dir, out=tmp_path_factory.mktemp("demo") / "run", log=lambda _: None)
+    return run_pipeline(model=demo_model_dir, out=tmp_path_factory.mktemp("demo") / "run", limit=16, log=print)
 
 
 @pytest.mark.slow
 def test_demo_recipe_margins(demo_run):
     before, after = demo_run.metrics["before"], demo_run.metrics["after"]
-    assert demo_run.metrics["n_examples"] == 30 and demo_run.train.global_step == 20
+    assert demo_run.metrics["n_examples"] == 16 and demo_run.train.global_step == 12
     assert after["heldout_loss"] < 0.5 * before["heldout_loss"]
     assert before["exact_match"] <= 0.1
     assert after["exact_match"] >= 0.6 and after["exact_match"] >= before["exact_match"] + 0.4

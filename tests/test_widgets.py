@@ -156,9 +156,9 @@ def test_preset_dropdown_fills_every_control(conf):
     conf.controls["model_name_or_path"].value = "my/model"
     conf._preset.value = "demo-cpu"
     s = conf.settings
-    assert (s.train.learning_rate, s.train.max_steps, s.lora.lora_dropout, s.quant.load_in) == (1e-3, 20, 0.0, "none")
+    assert (s.train.learning_rate, s.train.max_steps, s.lora.lora_dropout, s.quant.load_in) == (1e-3, 12, 0.0, "none")
     assert s.model_name_or_path == "my/model"
-    assert conf.controls["train.max_steps"].value == 20
+    assert conf.controls["train.max_steps"].value == 12
     assert conf.controls["quant.load_in"].value == "none"
     assert conf._preset.value == "(choose a preset)"
     assert "demo-cpu" in conf._message_html.value
