@@ -32,7 +32,6 @@ import argparse
 import csv
 import ctypes
 import json
-import math
 import os
 import platform
 import random

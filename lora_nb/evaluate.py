@@ -149,7 +149,6 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
         `HeldoutLoss(loss, perplexity)`; unpacks as `loss, perplexity = heldout_loss(...)`.
     """
     import datasets
-    import torch
     import torch.nn.functional as F
 
     from .data import IGNORE_INDEX, PadCollator, tokenize_examples
@@ -232,7 +231,6 @@ def max_logit_difference(model_a, model_b, tokenizer, texts: Sequence[str]) -> f
 
     Used to check that a reloaded adapter or a merged model computes what the trained one did.
     """
-    import torch
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
@@ -361,7 +359,7 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
 
 def write_report(report: EvalReport, run_dir: str | Path) -> None:
     """Write `metrics.json` and `generations.md` into the run folder."""
-    from .train import write_text_atomic
+    from .files import write_text_atomic
 
     run_dir = Path(run_dir)
     write_text_atomic(run_dir / METRICS_FILE, json.dumps(report.metrics, indent=2) + "\n")

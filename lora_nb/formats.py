@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from lora_nb.errors import ConfigFileError, SettingsError
+from lora_nb.files import write_text_atomic
 from lora_nb.settings import SECTIONS, KitSettings, LoraSettings, QuantSettings, field_specs, value_problems
 
 Form = Literal["kit", "axolotl", "lora", "peft"]
@@ -345,20 +345,7 @@ def save_settings(settings: KitSettings, path: str | os.PathLike, form: Form = "
         SettingsError: When the settings are invalid or the form is unknown.
         ConfigFileError: When the file cannot be written.
     """
-    text = dump_settings(settings, form)
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)  # no temporary file left behind; the old file is untouched
-        raise ConfigFileError(f"cannot write settings file {str(path)!r}: {err}; the previous file, if any, is "
-                              "unchanged. Free some disk space or choose a writable folder.") from err
+    write_text_atomic(Path(path), dump_settings(settings, form), error=ConfigFileError)
     return lost_in_form(settings, form)
 
 

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import RunFolderError
+from .files import cannot_write as _cannot_write
+from .files import umask as _umask
+from .files import write_text_atomic
 
 SETTINGS_FILE = "settings.yaml"
 RUN_FILE = "run.json"
@@ -154,50 +157,6 @@ class RunFolder:
                 "Delete that folder to resume from the one before, or start a new run."
             )
         return step
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _cannot_write(path: Path, err: OSError) -> RunFolderError:
-    """The kit's error for a failed write (disk full, read-only folder): what, why, and what to do."""
-    reason = err.strerror or str(err)
-    return RunFolderError(
-        f"Cannot write {path}: {reason}. Nothing was overwritten (the previous {path.name}, if any, is "
-        "unchanged). Free some disk space or choose a writable folder, then try again."
-    )
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never half of it.
-
-    Raises:
-        RunFolderError: the file cannot be written (disk full, read-only folder); the previous
-            file is left as it was and no temporary file stays behind.
-    """
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, RunFolderError):
-            raise
-        raise _cannot_write(path, err) from err
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapter(model, target: Path) -> Path:

@@ -27,7 +27,8 @@ from lora_nb.errors import ConfigFileError, DataError, RunFolderError, SettingsE
 from lora_nb.formats import load_settings, save_settings
 from lora_nb.pipeline import configure
 from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
-from lora_nb.train import RunFolder, _with_adapter, save_adapter, train, write_text_atomic
+from lora_nb.files import write_text_atomic
+from lora_nb.train import RunFolder, _with_adapter, save_adapter, train
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # "No space left on device"
 EACCES = PermissionError(errno.EACCES, os.strerror(errno.EACCES))  # "Permission denied"
@@ -171,7 +172,7 @@ def test_full_disk_keeps_the_previous_settings_file(tmp_path, monkeypatch):
     save_settings(KitSettings(lora=LoraSettings(r=4)), path)
     before = path.read_bytes()
     _failing_replace(monkeypatch, ENOSPC)
-    with pytest.raises(ConfigFileError, match=r"cannot write settings file .*settings\.yaml.*No space left on device.*unchanged"):
+    with pytest.raises(ConfigFileError, match=r"Cannot write .*settings\.yaml: No space left on device.*unchanged"):
         save_settings(KitSettings(lora=LoraSettings(r=64)), path)
     assert path.read_bytes() == before and leftovers(tmp_path) == []
 

@@ -1,0 +1,66 @@
+"""Files: write so that nothing the user already had is lost.
+
+Every settings file, run file and report the kit writes goes through `write_text_atomic`: a
+temporary file beside the target, flushed to disk, then renamed over it. A reader sees the old
+content or the new, never half of it; a failed write (disk full, read-only folder) leaves the old
+file as it was and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import LoraNbError, RunFolderError
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def cannot_write(path: Path, err: OSError, error: type[LoraNbError] = RunFolderError) -> LoraNbError:
+    """The kit's error for a failed write: what, why, and what to do."""
+    reason = err.strerror or str(err)
+    return error(
+        f"Cannot write {path}: {reason}. Nothing was overwritten (the previous {path.name}, if any, is "
+        "unchanged). Free some disk space or choose a writable folder, then try again."
+    )
+
+
+def write_text_atomic(path: Path, text: str, error: type[LoraNbError] = RunFolderError) -> None:
+    """Write a text file so that readers see the old or the new content, never half of it.
+
+    Args:
+        path: The file to write.
+        text: Its new content.
+        error: The kit's exception type to raise on failure (a run file, a settings file, ...).
+
+    Raises:
+        LoraNbError: of type `error`, when the file cannot be written (disk full, read-only
+            folder); the previous file is left as it was and no temporary file stays behind.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, LoraNbError):
+            raise
+        raise cannot_write(path, err, error) from err
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
