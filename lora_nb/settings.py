@@ -601,10 +601,12 @@ class TrainSettings:
     eval_steps: Union[int, None] = field(default=None, metadata=_meta(
         "Evaluate on the held-out split every this many steps; null = no evaluation during training.",
         "logging", min=1))
-    save_steps: Union[int, None] = field(default=None, metadata=_meta(
-        "Save a resumable checkpoint every this many steps; null = no checkpoints during training.",
+    save_steps: Union[int, None] = field(default=50, metadata=_meta(
+        "Save a resumable checkpoint (adapter, optimizer, scheduler, RNG) every this many steps, so a "
+        "crashed or disconnected run loses at most this many steps; null = no checkpoints during training "
+        "(Ctrl+C still saves one).",
         "logging", min=1))
-    save_total_limit: Union[int, None] = field(default=None, metadata=_meta(
+    save_total_limit: Union[int, None] = field(default=2, metadata=_meta(
         "Keep at most this many checkpoints (older ones are deleted); null = keep all.",
         "logging", min=1))
     train_on_responses_only: bool = field(default=True, metadata=_meta(

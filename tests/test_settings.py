@@ -265,7 +265,10 @@ def test_to_training_args_precision_and_overrides(tmp_path, monkeypatch):
     args = KitSettings(train=TrainSettings(precision="bf16", group_by_length=False)).to_training_args(
         str(tmp_path), logging_steps=3)
     assert args.bf16 and args.logging_steps == 3 and args.train_sampling_strategy == "random"
-    assert args.save_strategy == "no" and args.eval_strategy == "no"
+    assert args.save_strategy == "steps" and (args.save_steps, args.save_total_limit) == (50, 2)
+    assert args.eval_strategy == "no"
+    no_saves = TrainSettings(save_steps=None).to_training_args(str(tmp_path))
+    assert no_saves.save_strategy == "no"
     monkeypatch.setattr(settings_module, "bf16_supported", lambda: True)
     assert TrainSettings().resolved_precision() == "bf16"
     with pytest.raises(SettingsError, match="transformers refused"):

@@ -19,7 +19,7 @@ from lora_nb.train import RunFolder, TrainResult, _with_adapter, train
 
 def tiny_settings(model_dir: str, **train_kwargs) -> KitSettings:
     base = dict(learning_rate=1e-2, max_steps=8, per_device_train_batch_size=4, logging_steps=1, seed=0,
-                precision="fp32", max_seq_length=128, warmup_ratio=0.1)
+                precision="fp32", max_seq_length=128, warmup_ratio=0.1, save_steps=None)
     return KitSettings(
         model_name_or_path=model_dir,
         lora=LoraSettings(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"),
