@@ -363,17 +363,17 @@ def dump_settings(settings: KitSettings, form: Form = "kit") -> str:
 
 def lost_in_form(settings: KitSettings, form: Form) -> list[str]:
     """Settings that differ from what reading ``dump_settings(settings, form)`` back gives."""
-    back = _flat(settings_from_mapping(_parse(dump_settings(settings, form))).settings.to_dict())
-    return [f"{key}={value!r}" for key, value in _flat(settings.to_dict()).items() if back[key] != value]
+    back = flat_settings(settings_from_mapping(_parse(dump_settings(settings, form))).settings.to_dict())
+    return [f"{key}={value!r}" for key, value in flat_settings(settings.to_dict()).items() if back[key] != value]
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flattens nested settings to ``section.field`` keys, in a form where equal meaning is equal value:
     target lists sorted (peft keeps a set), one layer index as a list of one."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
+            flat |= flat_settings(value, f"{prefix}{key}.")
         elif key == "target_modules" and isinstance(value, list):
             flat[f"{prefix}{key}"] = sorted(value)
         elif key == "layers_to_transform" and isinstance(value, int):

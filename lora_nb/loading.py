@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from .demo import DEMO_MODEL_ID, resolve_model
 from .errors import ModelLoadError, QuantizationUnavailable
+from .settings import bf16_supported, cuda_available
 
 if TYPE_CHECKING:
     import torch
@@ -125,12 +126,6 @@ def quantization_available(load_in: LoadIn) -> tuple[bool, str]:
     return True, f"bitsandbytes {bnb.__version__} runs {load_in} on {device}"
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _resolve_dtype(dtype: Dtype | torch.dtype) -> torch.dtype:
     """'auto' = bfloat16 on a CUDA GPU that supports it, else float32 (CPU bf16 is an explicit choice)."""
     import torch
@@ -138,7 +133,7 @@ def _resolve_dtype(dtype: Dtype | torch.dtype) -> torch.dtype:
     if not isinstance(dtype, str):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if _cuda() and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if bf16_supported() else torch.float32
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ModelLoadError(
             f"dtype {dtype!r} is not one the kit loads: use 'auto', 'float32', 'bfloat16' or 'float16'."
@@ -249,8 +244,8 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if load_in != "none":
         kwargs["quantization_config"] = settings.to_bnb()
-        kwargs["dtype"] = torch.float32 if torch_dtype == torch.float16 and not _cuda() else torch_dtype
-    if _cuda():
+        kwargs["dtype"] = torch.float32 if torch_dtype == torch.float16 and not cuda_available() else torch_dtype
+    if cuda_available():
         kwargs["device_map"] = "auto"  # accelerate places the weights; never a hard-coded device
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

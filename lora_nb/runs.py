@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import RunFolderError
 from .evaluate import Table
+from .formats import flat_settings
 from .plots import loss_points, plot_losses
 
 if TYPE_CHECKING:
@@ -133,16 +134,6 @@ def _json(file: Path) -> dict | None:
         return None
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def compare_runs(run_dirs: Sequence[str | Path | RunInfo]) -> Table:
     """One row per run: final train and held-out loss, the metrics before/after, differing settings.
 
@@ -154,7 +145,7 @@ def compare_runs(run_dirs: Sequence[str | Path | RunInfo]) -> Table:
         the held-out loss); settings columns are the dotted setting names, only where runs differ.
     """
     runs = [r if isinstance(r, RunInfo) else load_run(r) for r in run_dirs]
-    settings = [_flat(r.settings.to_dict()) if r.settings else {} for r in runs]
+    settings = [flat_settings(r.settings.to_dict()) if r.settings else {} for r in runs]
     keys = list(dict.fromkeys(k for s in settings for k in s))
     differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
     table = Table()
