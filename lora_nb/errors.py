@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import reprlib
+
 
 class LoraNbError(Exception):
     """Base class of every error the kit raises on purpose."""
@@ -35,3 +37,19 @@ class DataError(LoraNbError, ValueError):
 
 class RunFolderError(LoraNbError, OSError):
     """A run folder is missing, corrupt, from another model, or cannot be written."""
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 3, 60, 60, 40
+_QUOTE.maxdict = _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = 6
+
+
+def quote(value: object, limit: int = 100) -> str:
+    """A short ``repr`` of a value for a message, built without walking the whole value.
+
+    A value read from a file can be huge (YAML aliases can make a small file expand to billions of
+    items), so a message never quotes it whole: at most 6 items per container, 3 levels deep, and
+    ``limit`` characters in all.
+    """
+    text = _QUOTE.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -25,10 +25,11 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from lora_nb.errors import SettingsError
+from lora_nb.errors import SettingsError, quote
 
 if typing.TYPE_CHECKING:
     import peft
@@ -143,13 +144,13 @@ def value_problems(cls: type, name: str, value: Any, label: str | None = None) -
     spec = next(s for s in _specs(cls) if s.name == name)
     label = label or name
     if not _matches(value, spec.type):
-        return [f"{label} must be {_describe(spec)}, got {value!r}{_hint(spec)}"]
+        return [f"{label} must be {_describe(spec)}, got {quote(value)}{_hint(spec)}"]
     numbers = value if isinstance(value, list) else [value]
     for number in numbers:
         if not _is_number(number):
             continue
         if (spec.min is not None and number < spec.min) or (spec.max is not None and number > spec.max):
-            return [f"{label} must be {_describe(spec)}, got {value!r}{_hint(spec)}"]
+            return [f"{label} must be {_describe(spec)}, got {quote(value)}{_hint(spec)}"]
     return []
 
 
@@ -338,8 +339,7 @@ class LoraSettings:
         found = _field_problems(self)
         if found:
             return found
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            found.append("target_modules is an empty list: name at least one layer, or use 'all-linear'")
+        found += self._quiet_problems()
         if model is not None:
             found += self._model_problems(model)
         if not found and (model is not None or not self._needs_model()):
@@ -350,8 +350,44 @@ class LoraSettings:
         return found
 
     def check(self, model: torch.nn.Module | None = None) -> None:
-        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        """Raises one :class:`SettingsError` listing every problem, if there is any; warns about settings
+        that will have no effect (:meth:`ignored`)."""
         _raise_if(self.problems(model))
+        _warn(self.ignored())
+
+    def ignored(self) -> list[str]:
+        """Settings that are allowed but will have no effect as set, each with what to do."""
+        if _field_problems(self) or self.init_lora_weights == "loftq" or self.loftq_bits == 4:
+            return []
+        return [f"loftq_bits {self.loftq_bits} has no effect: it is used only with init_lora_weights 'loftq' "
+                f"(got {self.init_lora_weights!r}); remove it or choose 'loftq'"]
+
+    def _quiet_problems(self) -> list[str]:
+        """Values peft accepts but that train something other than asked, with no word from peft."""
+        found = []
+        targets = self.target_modules
+        if targets == []:
+            found.append("target_modules is an empty list: name at least one layer, or use 'all-linear'")
+        blank = [t for t in (targets if isinstance(targets, list) else []) + (self.modules_to_save or [])
+                 if not t.strip()]
+        if blank:
+            found.append("target_modules and modules_to_save hold an empty name: peft would match no layer with "
+                         "it; remove it or write the layer's name (e.g. q_proj)")
+        both = sorted(set(targets if isinstance(targets, list) else []) & set(self.modules_to_save or []))
+        if both:
+            found.append(f"{both} in both target_modules and modules_to_save: peft would train a full copy of "
+                         "each and silently drop its LoRA adapter; keep each name in one list only "
+                         "(target_modules for LoRA, modules_to_save for a full trainable copy)")
+        if self.lora_dropout >= 1:
+            found.append(f"lora_dropout {self.lora_dropout:g} drops every input of the LoRA branch, so the adapter "
+                         "never learns: use a value below 1 (usual 0 to 0.1)")
+        if self.layers_to_transform == []:
+            found.append("layers_to_transform is an empty list: peft would then adapt every block; list the blocks "
+                         "to adapt (e.g. [0, 1]) or use null for every block")
+        if self.layers_pattern is not None and not self.layers_pattern.strip():
+            found.append("layers_pattern is an empty text: use null (found from the model) or the name of the "
+                         "module list holding the blocks ('layers' in Llama, 'h' in GPT-2)")
+        return found
 
     def advice(self) -> list[str]:
         """Lists settings that are allowed but unusual, with the reason (not errors)."""
@@ -370,9 +406,9 @@ class LoraSettings:
         if self.r > 128:
             tips.append(f"r {self.r} is large: memory grows with r and gains above 64-128 are rare")
         if self.modules_to_save:
-            tips.append(f"modules_to_save {self.modules_to_save} trains full copies of these modules: "
+            tips.append(f"modules_to_save {quote(self.modules_to_save)} trains full copies of these modules: "
                         "only needed when new tokens were added")
-        return tips
+        return tips + self.ignored()
 
     def to_peft(self, model: torch.nn.Module | None = None) -> peft.LoraConfig:
         """Builds the ``peft.LoraConfig``.
@@ -418,19 +454,24 @@ class LoraSettings:
         return kwargs
 
     def _needs_model(self) -> bool:
-        return self.target_modules == ALL_LINEAR and self.layers_to_transform is not None
+        union = isinstance(self.target_modules, list) and ALL_LINEAR in self.target_modules
+        return union or (self.target_modules == ALL_LINEAR and self.layers_to_transform is not None)
 
     def _explicit_targets(self, model: torch.nn.Module | None) -> str | list[str]:
-        if self.target_modules != ALL_LINEAR:
+        """The target names for peft. A list holding 'all-linear' means every linear layer plus the other
+        names (axolotl's lora_target_linear with lora_target_modules), which needs the model to expand."""
+        if isinstance(self.target_modules, list) and ALL_LINEAR not in self.target_modules:
             return list(self.target_modules)
         if model is not None:
             from lora_nb.targets import find_targets
 
-            return find_targets(model).names
-        if self.layers_to_transform is not None:
+            extra = [t for t in self.target_modules if t != ALL_LINEAR] if isinstance(self.target_modules, list) else []
+            return list(dict.fromkeys(find_targets(model).names + extra))
+        if self._needs_model():
             raise SettingsError(
-                "target_modules 'all-linear' with layers_to_transform needs the model to expand 'all-linear' "
-                "into layer names (peft refuses the combination): pass the model to to_peft(model)")
+                f"target_modules {quote(self.target_modules)} with layers_to_transform {quote(self.layers_to_transform)} "
+                "needs the model to expand 'all-linear' into layer names (peft takes 'all-linear' only alone and "
+                "without layer indices): pass the model, e.g. to_peft(model)")
         return ALL_LINEAR
 
     def _model_problems(self, model: torch.nn.Module) -> list[str]:
@@ -439,18 +480,19 @@ class LoraSettings:
         targets = find_targets(model, include_output_head=True)  # the head is a valid explicit target
         found = []
         if isinstance(self.target_modules, list):
-            unknown = [n for n in self.target_modules if n not in targets.names]
+            unknown = [n for n in self.target_modules if n not in targets.names and n != ALL_LINEAR]
             if unknown:
                 found.append(f"target_modules {unknown} not found in the model (peft would skip them silently); "
                              f"its adaptable layers are {targets.names}")
         layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
         outside = [i for i in layers or [] if i >= targets.n_layers]
         if outside:
-            found.append(f"layers_to_transform {outside} outside the model's blocks 0 to {targets.n_layers - 1}")
+            found.append(f"layers_to_transform {quote(outside)} outside the model's blocks 0 to {targets.n_layers - 1}: "
+                         "use indices in that range")
         if self.layers_pattern and not _pattern_matches(self.layers_pattern, [lay.path for lay in targets.layers]):
-            found.append(f"layers_pattern {self.layers_pattern!r} matches no numbered module list of this model "
+            found.append(f"layers_pattern {quote(self.layers_pattern)} matches no numbered module list of this model "
                          f"(peft looks for '<pattern>.<index>.' in module paths): its blocks are in "
-                         f"{targets.layers_pattern!r}")
+                         f"{targets.layers_pattern!r}; set layers_pattern to that, or to null")
         if self.fan_in_fan_out != targets.fan_in_fan_out:
             kind = "Conv1D (weights stored in x out)" if targets.fan_in_fan_out else "nn.Linear (weights out x in)"
             found.append(f"fan_in_fan_out must be {targets.fan_in_fan_out} for this model, whose layers are "
@@ -458,7 +500,14 @@ class LoraSettings:
         paths = [path for path, _ in model.named_modules() if path]
         missing = [m for m in self.modules_to_save or [] if not any(p.endswith(m) for p in paths)]  # peft's rule
         if missing:
-            found.append(f"modules_to_save {missing} not found in the model")
+            found.append(f"modules_to_save {quote(missing)} not found in the model: remove them, or use names "
+                         f"of its modules (e.g. {quote([targets.output_head or 'lm_head'])})")
+        if self.target_modules == ALL_LINEAR or ALL_LINEAR in self.target_modules:
+            both = sorted(set(self.modules_to_save or []) & set(find_targets(model).names))
+            if both:
+                found.append(f"{both} in modules_to_save are also adapted by 'all-linear': peft would train a full "
+                             "copy of each and silently drop its LoRA adapter; list the other layers in "
+                             "target_modules instead of 'all-linear', or remove them from modules_to_save")
         return found
 
 
@@ -478,6 +527,11 @@ def _copy(value: Any) -> Any:
 def _raise_if(problems: list[str]) -> None:
     if problems:
         raise SettingsError(problems)
+
+
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,8 +563,21 @@ class QuantSettings:
         return _field_problems(self)
 
     def check(self) -> None:
-        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        """Raises one :class:`SettingsError` listing every problem, if there is any; warns about settings
+        that will have no effect (:meth:`ignored`)."""
         _raise_if(self.problems())
+        _warn(self.ignored())
+
+    def ignored(self) -> list[str]:
+        """Settings that are allowed but will have no effect as set, each with what to do."""
+        if _field_problems(self) or self.load_in == "4bit":
+            return []
+        changed = [s.name for s in field_specs(self)
+                   if s.name.startswith("bnb_4bit_") and getattr(self, s.name) != s.default]
+        if not changed:
+            return []
+        return [f"{', '.join(changed)} have no effect with load_in {self.load_in!r}: they apply to 4-bit loading "
+                "only; set load_in to '4bit' or leave them at their defaults"]
 
     def to_bnb(self) -> transformers.BitsAndBytesConfig | None:
         """Builds the ``transformers.BitsAndBytesConfig``, or None for ``load_in='none'``.
@@ -624,11 +691,41 @@ class TrainSettings:
         if not found and self.warmup_steps > 0 and self.warmup_ratio > 0:
             found.append(f"warmup_steps {self.warmup_steps} and warmup_ratio {self.warmup_ratio:g} are both set: "
                          "set one of them to 0")
+        if not found and self.max_steps == 0:
+            found.append("max_steps must be -1 (train num_train_epochs passes) or at least 1, got 0 "
+                         "(transformers would still run a step); set the number of optimizer steps to run")
         return found
 
     def check(self) -> None:
-        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        """Raises one :class:`SettingsError` listing every problem, if there is any; warns about settings
+        that will have no effect (:meth:`ignored`)."""
         _raise_if(self.problems())
+        _warn(self.ignored())
+
+    def ignored(self) -> list[str]:
+        """Settings that are allowed but will have no effect (or another effect) as set, each with what to do."""
+        if self.problems():
+            return []
+        notes = []
+        steps = self.max_steps
+        epochs_default = next(s.default for s in field_specs(TrainSettings) if s.name == "num_train_epochs")
+        if steps > 0 and self.num_train_epochs != epochs_default:
+            notes.append(f"num_train_epochs {self.num_train_epochs:g} has no effect: max_steps {steps} decides the "
+                         "length of the run; set max_steps to -1 to train by epochs")
+        warmup = self.warmup_steps > 0 or self.warmup_ratio > 0
+        if warmup and self.lr_scheduler_type == "constant":
+            notes.append("lr_scheduler_type 'constant' ignores warmup_steps and warmup_ratio (transformers builds "
+                         "it without warmup): use 'constant_with_warmup', or set the warmup to 0")
+        if steps > 0 and self.warmup_steps >= steps:
+            notes.append(f"warmup_steps {self.warmup_steps} >= max_steps {steps}: the learning rate never reaches "
+                         f"its peak {self.learning_rate:g}; use fewer warmup steps")
+        if steps > 0 and self.logging_steps > steps:
+            notes.append(f"logging_steps {self.logging_steps} > max_steps {steps}: no training loss is recorded "
+                         "during the run; set logging_steps to at most max_steps")
+        if steps > 0 and self.eval_steps is not None and self.eval_steps > steps:
+            notes.append(f"eval_steps {self.eval_steps} > max_steps {steps}: no evaluation runs during training; "
+                         "set eval_steps to at most max_steps, or to null")
+        return notes
 
     def advice(self) -> list[str]:
         """Lists settings that are allowed but unusual, with the reason (not errors)."""
@@ -642,7 +739,7 @@ class TrainSettings:
             tips.append(f"num_train_epochs {self.num_train_epochs:g} > 3 often overfits a small data set")
         if self.warmup_ratio > 0.2:
             tips.append(f"warmup_ratio {self.warmup_ratio:g} spends a large share of the run warming up")
-        return tips
+        return tips + self.ignored()
 
     def to_training_args(self, output_dir: str, **overrides: Any) -> transformers.TrainingArguments:
         """Builds the ``transformers.TrainingArguments``.
@@ -740,11 +837,12 @@ class KitSettings:
             SettingsError: On unknown keys, or a section that is not a mapping.
         """
         if not isinstance(data, dict):
-            raise SettingsError(f"settings must be a mapping of sections, got {type(data).__name__}: {data!r:.80}")
+            raise SettingsError(f"settings must be a mapping of sections (model_name_or_path, lora, quant, train), got "
+                                f"{type(data).__name__}: {quote(data)}; pass a dict such as {{'lora': {{'r': 8}}}}")
         allowed = ["model_name_or_path", *SECTIONS]
         unknown = [k for k in data if k not in allowed]
         if unknown:
-            raise SettingsError(f"unknown settings keys {unknown}: allowed keys are {allowed}")
+            raise SettingsError(f"unknown settings keys {quote(unknown)}: allowed keys are {allowed}; check their spelling")
         sections = {name: section_from_dict(sec_cls, data.get(name) or {}, name)
                     for name, sec_cls in SECTIONS.items()}
         return cls(**({"model_name_or_path": data["model_name_or_path"]} if "model_name_or_path" in data else {}),
@@ -761,6 +859,9 @@ class KitSettings:
             One sentence per problem; section fields are named ``lora.r``, ``train.seed``, ...
         """
         found = value_problems(KitSettings, "model_name_or_path", self.model_name_or_path)
+        if not found and not self.model_name_or_path.strip():
+            found.append("model_name_or_path is empty (an unset shell variable?): give a hub ID such as "
+                         "'HuggingFaceTB/SmolLM2-135M-Instruct' or a model folder")
         for name in SECTIONS:
             section = getattr(self, name)
             if not isinstance(section, SECTIONS[name]):
@@ -774,12 +875,19 @@ class KitSettings:
         return found
 
     def check(self, model: torch.nn.Module | None = None, check_environment: bool = True) -> None:
-        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        """Raises one :class:`SettingsError` listing every problem, if there is any; warns about settings
+        that will have no effect (:meth:`ignored`)."""
         _raise_if(self.problems(model, check_environment))
+        _warn(self.ignored())
+
+    def ignored(self) -> list[str]:
+        """Settings that are allowed but will have no effect as set (``section.`` prefixed), with what to do."""
+        return [f"{name}.{note}" for name in SECTIONS for note in getattr(self, name).ignored()]
 
     def advice(self) -> list[str]:
         """Lists settings that are allowed but unusual, with the reason (not errors)."""
         tips = [f"lora.{t}" for t in self.lora.advice()] + [f"train.{t}" for t in self.train.advice()]
+        tips += [f"quant.{t}" for t in self.quant.ignored()]
         if self.quant.load_in != "none" and not cuda_available():
             tips.append(f"quant.load_in {self.quant.load_in!r} without a CUDA GPU: bitsandbytes runs on CPU, but "
                         "steps are slower and small models save no memory")
@@ -839,11 +947,12 @@ def section_from_dict(cls: type, data: Any, label: str) -> Any:
         SettingsError: When ``data`` is not a mapping or has unknown keys.
     """
     if not isinstance(data, dict):
-        raise SettingsError(f"{label} must be a mapping of settings, got {type(data).__name__}: {data!r:.80}")
+        raise SettingsError(f"{label} must be a mapping of settings (key: value lines under '{label}:'), got "
+                            f"{type(data).__name__}: {quote(data)}")
     specs = {s.name: s for s in field_specs(cls)}
     unknown = [k for k in data if k not in specs]
     if unknown:
-        raise SettingsError(f"unknown {label} keys {unknown}: allowed keys are {list(specs)}")
+        raise SettingsError(f"unknown {label} keys {quote(unknown)}: allowed keys are {list(specs)}; check their spelling")
     return cls(**{k: _coerce(v, specs[k].type) for k, v in data.items()})
 
 
@@ -855,3 +964,37 @@ def _coerce(value: Any, tp: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation (evaluation): not part of a run's settings file, but checked the same way at every front door
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSettings:
+    """How the evaluation generates answers: checked before any model is loaded or trained."""
+
+    max_new_tokens: int = field(default=40, metadata=_meta(
+        "Longest generated answer, in tokens.",
+        "generation", min=1, max=8192))
+    limit: Union[int, None] = field(default=None, metadata=_meta(
+        "Evaluate on the first this many held-out examples only; null = all of them.",
+        "generation", min=1))
+
+    def problems(self) -> list[str]:
+        """Lists every problem of these settings."""
+        return _field_problems(self)
+
+    def check(self) -> None:
+        """Raises one :class:`SettingsError` listing every problem, if there is any."""
+        _raise_if(self.problems())
+
+
+def check_generation(max_new_tokens: Any = 40, limit: Any = None) -> None:
+    """Checks generation arguments before the long work (loading, training), at every front door.
+
+    Raises:
+        SettingsError: e.g. ``"max_new_tokens must be an integer between 1 and 8192, got 0 (default 40)"``.
+    """
+    GenerationSettings(max_new_tokens=max_new_tokens, limit=limit).check()
