@@ -19,15 +19,17 @@ import dataclasses
 import json
 import os
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
 
-from lora_nb.errors import ConfigFileError, SettingsError
+from lora_nb.errors import ConfigFileError, SettingsError, quote
 from lora_nb.files import write_text_atomic
-from lora_nb.settings import SECTIONS, KitSettings, LoraSettings, QuantSettings, field_specs, value_problems
+from lora_nb.settings import (ALL_LINEAR, SECTIONS, KitSettings, LoraSettings, QuantSettings, field_specs,
+                              value_problems)
 
 Form = Literal["kit", "axolotl", "lora", "peft"]
 FORMS: tuple[Form, ...] = ("kit", "axolotl", "lora", "peft")
@@ -37,7 +39,6 @@ AXOLOTL_KEYS: dict[str, tuple[str, str]] = {
     "base_model": ("", "model_name_or_path"),
     "lora_r": ("lora", "r"),
     "lora_alpha": ("lora", "lora_alpha"),
-    "lora_dropout": ("lora", "lora_dropout"),
     "lora_fan_in_fan_out": ("lora", "fan_in_fan_out"),
     "lora_modules_to_save": ("lora", "modules_to_save"),
     "peft_layers_to_transform": ("lora", "layers_to_transform"),
@@ -65,9 +66,14 @@ AXOLOTL_KEYS: dict[str, tuple[str, str]] = {
 }
 # axolotl keys read by hand: what they mean needs more than a rename.
 AXOLOTL_SPECIAL = ("adapter", "lora_target_linear", "lora_target_modules", "load_in_4bit", "load_in_8bit",
-                   "train_on_inputs", "bf16", "fp16", "peft_layers_pattern", "peft")
+                   "train_on_inputs", "bf16", "fp16", "peft_layers_pattern", "peft", "peft_init_lora_weights",
+                   "batch_size", "lora_dropout")
 # peft bookkeeping keys of adapter_config.json that are not training settings.
 PEFT_BOOKKEEPING = ("peft_type", "peft_version", "auto_mapping", "inference_mode", "base_model_name_or_path")
+# Bounds on what is read: settings files are a few KB. YAML aliases (*a) repeat what an anchor (&a) names, so a
+# small file can stand for billions of values ("billion laughs"); the reader counts values with aliases expanded.
+MAX_SETTINGS_CHARS = 1_000_000
+MAX_SETTINGS_VALUES = 100_000
 
 
 @dataclass
@@ -104,7 +110,28 @@ def load_settings(source: str | os.PathLike) -> LoadResult:
         ConfigFileError: When the file is missing, is not YAML/JSON, is not a mapping or its form is unknown.
         SettingsError: When values have the wrong type or range (the message names the key and value).
     """
-    return settings_from_mapping(_parse(_read(source)))
+    text = _read(source)
+    data = _parse(text)
+    if isinstance(source, str) and not isinstance(data, (dict, list)) and "\n" not in source.strip():
+        raise ConfigFileError(
+            f"{quote(source)} is neither a settings file that exists nor settings text (YAML/JSON key: value "
+            f"lines): check the path (a relative one starts at {os.getcwd()}), or pass the text itself")
+    return settings_from_mapping(data)
+
+
+def load_settings_text(text: str, where: str = "the settings") -> LoadResult:
+    """Reads settings from YAML/JSON text only: never opens a file, whatever the text says (for uploads).
+
+    Args:
+        text: The text of a settings file.
+        where: How messages name it (e.g. ``upload 'my.yaml'``).
+
+    Raises:
+        ConfigFileError, SettingsError: As :func:`load_settings`.
+    """
+    if not isinstance(text, str):
+        raise ConfigFileError(f"{where} must be text, got {type(text).__name__}")
+    return settings_from_mapping(_parse(text, where))
 
 
 def settings_from_mapping(data: Any) -> LoadResult:
@@ -130,7 +157,8 @@ def detect_form(data: Any) -> Form:
         ConfigFileError: When ``data`` is not a mapping or matches no form.
     """
     if not isinstance(data, dict):
-        raise ConfigFileError(f"settings must be a mapping of keys to values, got {type(data).__name__}: {data!r:.80}")
+        raise ConfigFileError(f"settings must be a mapping of keys to values (key: value lines), got "
+                              f"{type(data).__name__}: {quote(data)}; write one setting per line, e.g. 'lora_r: 16'")
     keys = {k for k in data if isinstance(k, str)}
     if "peft_type" in keys:
         return "peft"
@@ -140,34 +168,95 @@ def detect_form(data: Any) -> Form:
         return "lora"
     if keys & ({"adapter"} | set(AXOLOTL_SPECIAL) | {k for k in AXOLOTL_KEYS if k.startswith(("lora_", "peft_"))}):
         return "axolotl"
-    raise ConfigFileError(f"cannot tell the settings form from the keys {sorted(map(str, data))[:12]}: expected the "
+    raise ConfigFileError(f"cannot tell the settings form from the keys {quote(sorted(map(str, data)))}: expected the "
                           "kit's sections (lora/quant/train), an axolotl file (adapter, lora_r, ...), a 'lora:' "
                           "section, or a peft adapter_config.json (peft_type)")
 
 
 def _read(source: str | os.PathLike) -> str:
+    if isinstance(source, (str, os.PathLike)) and not str(source).strip() or str(source) == ".":
+        raise ConfigFileError("the settings path is empty (an unset shell variable?): give a .yaml/.yml/.json "
+                              "file, or leave the option out to use a preset")
     if isinstance(source, os.PathLike) or _looks_like_path(source):
+        path = Path(source)
         try:
-            return Path(source).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigFileError(f"cannot read settings file {str(source)!r}: {err}") from err
+            if path.is_dir():
+                raise ConfigFileError(f"settings file {quote(str(source))} is a folder: give the .yaml/.yml/.json "
+                                      "file inside it")
+            size = path.stat().st_size
+            if size > MAX_SETTINGS_CHARS:
+                raise ConfigFileError(f"settings file {quote(str(source))} holds {size:,} bytes, more than a settings "
+                                      f"file's {MAX_SETTINGS_CHARS:,}: check that it is the settings file")
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigFileError(f"settings file {quote(str(source))} is not UTF-8 text (byte at offset "
+                                  f"{err.start}): save it as UTF-8 and try again") from err
+        except OSError as err:
+            raise ConfigFileError(f"cannot read settings file {quote(str(source))}: {err.strerror or err}; check "
+                                  f"the path (a relative one starts at {os.getcwd()})") from err
+        return text
     if not isinstance(source, str):
-        raise ConfigFileError(f"expected a path or YAML/JSON text, got {type(source).__name__}")
+        raise ConfigFileError(f"expected a path or YAML/JSON text, got {type(source).__name__}: pass a file path "
+                              "or the text of the settings")
     return source
 
 
 def _looks_like_path(source: Any) -> bool:
-    return (isinstance(source, str) and "\n" not in source
-            and (source.endswith((".yaml", ".yml", ".json")) or os.path.isfile(source)))
-
-
-def _parse(text: str) -> Any:
+    if not isinstance(source, str) or "\n" in source or "\0" in source or len(source) > 4096:
+        return False
     try:
-        return yaml.safe_load(text)
+        return source.endswith((".yaml", ".yml", ".json")) or os.path.isfile(source)
+    except (OSError, ValueError):
+        return False
+
+
+def _parse(text: str, where: str = "the settings") -> Any:
+    """YAML/JSON text to Python values, refusing text too long and aliases that expand too far."""
+    if len(text) > MAX_SETTINGS_CHARS:
+        raise ConfigFileError(f"{where} hold {len(text):,} characters, more than a settings file's "
+                              f"{MAX_SETTINGS_CHARS:,}: check that this is the settings file")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_SETTINGS_VALUES:
+            raise ConfigFileError(
+                f"{where} expand to more than {MAX_SETTINGS_VALUES:,} values through YAML aliases (*name repeats "
+                "what &name marks), or refer to themselves: a settings file needs a few dozen; write the values "
+                "out instead of aliasing them")
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
-        raise ConfigFileError(f"the settings are not valid YAML/JSON: {err}") from err
+        raise ConfigFileError(f"{where} are not valid YAML/JSON: {_short(str(err), 300)}; fix the line it names") from err
     except RecursionError as err:
-        raise ConfigFileError("the settings are nested too deeply to be read") from err
+        raise ConfigFileError(f"{where} are nested too deeply to be read: a settings file has at most a few "
+                              "levels (section: key: value)") from err
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias expanded (each shared node counted once per use)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_SETTINGS_VALUES + 1  # a node met again while counting refers to itself
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_SETTINGS_VALUES:
+            break
+    sizes[id(node)] = total
+    return total
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_kit(data: dict) -> tuple[KitSettings, dict[str, Any]]:
@@ -201,59 +290,148 @@ def _read_axolotl(data: dict) -> tuple[KitSettings, dict[str, Any]]:
     return KitSettings.from_dict({**values.pop(""), **values}), unknown
 
 
+_AXOLOTL_CHOICES: dict[str, tuple[Any, ...]] = {
+    "adapter": ("lora", "qlora", None), "bf16": ("auto", True, False, None), "lora_target_linear": (True, False, None),
+    "load_in_4bit": (True, False, None), "load_in_8bit": (True, False, None), "train_on_inputs": (True, False, None),
+    "fp16": (True, False, None),
+}
+
+
 def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
-    problems = []
-    for key in AXOLOTL_SPECIAL:
-        if key in ("lora_target_modules", "peft_layers_pattern", "peft"):
-            continue
-        value = data.get(key)
-        allowed = ("lora", "qlora", None) if key == "adapter" else ("auto", True, False, None) if key == "bf16" else (True, False, None)
-        if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
-            problems.append(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    """The axolotl keys whose meaning is more than a rename, read as axolotl reads them.
+
+    What axolotl does (its ``utils/schemas/peft.py`` and ``validation.py``, ``load_lora``): the adapted
+    layers are the union of every linear layer (``lora_target_linear: true``) and ``lora_target_modules``;
+    ``adapter: qlora`` needs ``load_in_4bit: true`` and refuses ``load_in_8bit``; 4/8-bit loading needs an
+    adapter; ``lora_dropout`` is 0 when not given; ``batch_size`` and ``gradient_accumulation_steps`` exclude
+    each other; ``peft_layers_pattern`` needs ``peft_layers_to_transform``.
+    """
+    problems = [f"{key} must be one of {', '.join(map(repr, allowed))}, got {quote(data.get(key))}"
+                for key, allowed in _AXOLOTL_CHOICES.items()
+                if not any(data.get(key) is a or (isinstance(a, str) and data.get(key) == a) for a in allowed)]
     targets = data.get("lora_target_modules")
-    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
-        problems.append(f"lora_target_modules must be a list of module names, got {targets!r}")
+    if isinstance(targets, str):
+        problems.append(f"lora_target_modules {quote(targets)} is one text, which peft reads as a regular expression "
+                        "over whole module paths; the kit takes names: write a list such as [q_proj, v_proj]")
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        problems.append(f"lora_target_modules must be a list of module names, got {quote(targets)}")
     if problems:
         return problems
-    if data.get("lora_target_linear"):
-        values["lora"]["target_modules"] = "all-linear"
-    elif targets:
-        values["lora"]["target_modules"] = list(targets)
-    if data.get("load_in_4bit") and data.get("load_in_8bit"):
-        return ["load_in_4bit and load_in_8bit are both true: choose one"]
-    four = data.get("load_in_4bit") or data.get("adapter") == "qlora"
-    values["quant"]["load_in"] = "4bit" if four else "8bit" if data.get("load_in_8bit") else "none"
+    problems += _axolotl_adapter(data, values)
+    problems += _axolotl_targets(data, values)
+    problems += _axolotl_batch(data, values)
     if data.get("train_on_inputs") is not None:
         values["train"]["train_on_responses_only"] = not data["train_on_inputs"]
-    precision = {"auto": "auto", True: "bf16"}.get(data.get("bf16"), "fp16" if data.get("fp16") else None)
-    if precision is None and (data.get("bf16") is False or data.get("fp16") is False):
-        precision = "fp32"
-    if precision is not None:
-        values["train"]["precision"] = precision
+    bf16, fp16 = data.get("bf16"), data.get("fp16")
+    if bf16 in (True, "auto") and fp16 is True:
+        problems.append(f"bf16 {quote(bf16)} and fp16 true are both set: training runs in one precision; keep "
+                        "one of them (bf16 on GPUs that support it, else fp16) and set the other to false")
+    elif bf16 == "auto":
+        values["train"]["precision"] = "auto"
+    elif bf16 is True:
+        values["train"]["precision"] = "bf16"
+    elif fp16 is True:
+        values["train"]["precision"] = "fp16"
+    elif bf16 is False or fp16 is False:
+        values["train"]["precision"] = "fp32"
+    return problems
+
+
+def _axolotl_adapter(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
+    adapter, four, eight = data.get("adapter"), data.get("load_in_4bit"), data.get("load_in_8bit")
+    problems = []
+    if adapter is None:
+        problems.append("adapter is not set: axolotl then trains every weight of the model (full fine-tuning, and "
+                        "it refuses load_in_4bit/load_in_8bit), which this kit does not do; set adapter: lora, or "
+                        "adapter: qlora with load_in_4bit: true")
+    if four and eight:
+        problems.append("load_in_4bit and load_in_8bit are both true: choose one (4-bit for QLoRA)")
+    elif adapter == "qlora" and eight:
+        problems.append("adapter qlora with load_in_8bit true: QLoRA loads the base model in 4 bits (axolotl refuses "
+                        "this too); set load_in_4bit: true and load_in_8bit: false, or use adapter: lora")
+    elif adapter == "qlora" and not four:
+        problems.append("adapter qlora needs load_in_4bit: true (axolotl refuses qlora without it); add it, or "
+                        "use adapter: lora for a full-precision base")
+    values["quant"]["load_in"] = "4bit" if four else "8bit" if eight else "none"
+    if adapter is not None and data.get("lora_dropout") is None:
+        values["lora"]["lora_dropout"] = 0.0  # axolotl's default, not the kit's
+    elif data.get("lora_dropout") is not None:
+        dropout = _coerce_number(data["lora_dropout"], LoraSettings, "lora_dropout")
+        problems += value_problems(LoraSettings, "lora_dropout", dropout, label="lora_dropout")
+        values["lora"]["lora_dropout"] = dropout
+    return problems
+
+
+def _axolotl_targets(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
+    linear, names = data.get("lora_target_linear"), data.get("lora_target_modules")
+    if linear and names:
+        values["lora"]["target_modules"] = [ALL_LINEAR, *[n for n in names if n != ALL_LINEAR]]  # axolotl's union
+    elif linear:
+        values["lora"]["target_modules"] = ALL_LINEAR
+    elif names:
+        values["lora"]["target_modules"] = list(names)
+    elif linear is False or names == []:
+        return [f"no layers to adapt: lora_target_linear is {quote(linear)} and lora_target_modules is {quote(names)}; "
+                "set lora_target_linear: true for every linear layer, or list the layers in lora_target_modules "
+                "(e.g. [q_proj, v_proj])"]
+    elif data.get("adapter") is not None:
+        warnings.warn("neither lora_target_linear nor lora_target_modules is set (axolotl would adapt no layer): the "
+                      "kit adapts every linear layer ('all-linear'); set one of them to choose", UserWarning, stacklevel=5)
+    return []
+
+
+def _axolotl_batch(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
+    """axolotl's ``batch_size`` is the effective batch: micro_batch_size x gradient_accumulation_steps."""
+    total = data.get("batch_size")
+    if total is None:
+        return []
+    if data.get("gradient_accumulation_steps") is not None:
+        return ["batch_size and gradient_accumulation_steps are both set (axolotl refuses this too): keep "
+                "gradient_accumulation_steps, or keep batch_size = micro_batch_size x gradient_accumulation_steps"]
+    micro = values["train"].get("per_device_train_batch_size")
+    if not (isinstance(total, int) and not isinstance(total, bool) and isinstance(micro, int) and total > 0
+            and total % micro == 0):
+        return [f"batch_size {quote(total)} must be a positive multiple of micro_batch_size {quote(micro)} (it is "
+                "micro_batch_size x gradient_accumulation_steps); set both, or gradient_accumulation_steps instead"]
+    values["train"]["gradient_accumulation_steps"] = total // micro
     return []
 
 
 def _read_axolotl_peft(data: dict, values: dict[str, dict[str, Any]], unknown: dict[str, Any]) -> list[str]:
-    """axolotl's ``peft_layers_pattern`` is a list (the kit takes one name); ``peft.loftq_config`` means LoftQ."""
+    """axolotl's ``peft_layers_pattern`` is a list (the kit takes one name); ``peft.loftq_config`` means LoftQ;
+    ``peft_init_lora_weights`` is peft's ``init_lora_weights``."""
+    problems = []
     pattern = data.get("peft_layers_pattern")
     if isinstance(pattern, list) and len(pattern) == 1:
         pattern = pattern[0]
     if pattern is not None and not isinstance(pattern, str):
-        return [f"peft_layers_pattern must be one module-list name (or a list of one), got {pattern!r}"]
-    if pattern is not None:
+        problems.append(f"peft_layers_pattern must be one module-list name (or a list of one), got {quote(pattern)}")
+    elif pattern is not None and data.get("peft_layers_to_transform") is None:
+        problems.append("peft_layers_pattern needs peft_layers_to_transform (axolotl and peft refuse it alone): "
+                        "list the blocks to adapt, or remove peft_layers_pattern")
+    elif pattern is not None:
         values["lora"]["layers_pattern"] = pattern
+    init = data.get("peft_init_lora_weights")
+    choices = next(s.choices for s in field_specs(LoraSettings) if s.name == "init_lora_weights")
+    if init is True:
+        values["lora"]["init_lora_weights"] = "default"
+    elif isinstance(init, str) and init in choices:
+        values["lora"]["init_lora_weights"] = init
+    elif init is not None:
+        problems.append(f"peft_init_lora_weights {quote(init)} is not one the kit runs: use true (the default start, "
+                        f"B = 0) or one of {', '.join(c for c in choices if c != 'default')}")
     peft_section = data.get("peft")
     if peft_section is None:
-        return []
+        return problems
     if not isinstance(peft_section, dict):
-        return [f"peft must be a mapping (e.g. loftq_config: {{loftq_bits: 4}}), got {peft_section!r}"]
+        return problems + [f"peft must be a mapping (e.g. loftq_config: {{loftq_bits: 4}}), got {quote(peft_section)}"]
     unknown |= {f"peft.{k}": v for k, v in peft_section.items() if k != "loftq_config"}
     loftq = peft_section.get("loftq_config")
     if isinstance(loftq, dict):
         values["lora"] |= {"init_lora_weights": "loftq", "loftq_bits": loftq.get("loftq_bits", 4)}
     elif loftq is not None:
-        return [f"peft.loftq_config must be a mapping like {{loftq_bits: 4}}, got {loftq!r}"]
-    return []
+        problems.append(f"peft.loftq_config must be a mapping like {{loftq_bits: 4}}, got {quote(loftq)}")
+    return problems
 
 
 def _coerce_number(value: Any, cls: type, name: str) -> Any:
@@ -416,10 +594,12 @@ def _write_axolotl(settings: KitSettings) -> str:
         "load_in_4bit": settings.quant.load_in == "4bit",
         "load_in_8bit": settings.quant.load_in == "8bit",
     }
-    if lora.target_modules == "all-linear":
-        data["lora_target_linear"] = True
-    else:
-        data["lora_target_modules"] = list(lora.target_modules)
+    extra = [] if lora.target_modules == ALL_LINEAR else [t for t in lora.target_modules if t != ALL_LINEAR]
+    if lora.target_modules == ALL_LINEAR or ALL_LINEAR in lora.target_modules:
+        data["lora_target_linear"] = True  # axolotl adapts the union of all linear layers and the listed ones
+    if extra:
+        data["lora_target_modules"] = extra
+    data["lora_dropout"] = lora.lora_dropout
     for key, (section, name) in AXOLOTL_KEYS.items():
         if section == "lora":
             data[key] = getattr(lora, name)
@@ -464,15 +644,37 @@ _WRITERS: dict[str, Callable[[KitSettings], str]] = {
 def to_python(settings: KitSettings | LoraSettings, model: Any = None) -> str:
     """Python code that builds the same ``peft.LoraConfig`` as ``settings.to_peft(model)``.
 
+    With kit settings that load the base in 4 or 8 bits, the code also builds the same
+    ``BitsAndBytesConfig`` as ``settings.to_bnb()``, loads the model with it, prepares it for k-bit
+    training (as :func:`lora_nb.loading.load_model` does) and wraps it with the adapter.
+
     Args:
         settings: Kit or LoRA settings.
         model: The base model, to write 'all-linear' as its explicit layer names.
 
     Returns:
-        A snippet defining ``lora_config``.
+        A snippet defining ``lora_config`` (and ``bnb_config`` and ``model`` when quantized).
     """
     lora = settings.lora if isinstance(settings, KitSettings) else settings
     kwargs = lora.peft_kwargs(model)
     names = "LoftQConfig, LoraConfig" if "loftq_config" in kwargs else "LoraConfig"
     args = "".join(f"    {key}={value!r},\n" for key, value in kwargs.items())
-    return f"from peft import {names}\n\nlora_config = LoraConfig(\n{args})\n"
+    bnb = settings.quant.bnb_kwargs() if isinstance(settings, KitSettings) else None
+    if bnb is None:
+        return f"from peft import {names}\n\nlora_config = LoraConfig(\n{args})\n"
+    bnb_args = "".join(f"    {key}=torch.{value},\n" if key == "bnb_4bit_compute_dtype" else f"    {key}={value!r},\n"
+                       for key, value in bnb.items())
+    return (
+        f"import torch\nfrom peft import {names}, get_peft_model, prepare_model_for_kbit_training\n"
+        "from transformers import AutoModelForCausalLM, BitsAndBytesConfig\n\n"
+        f"bnb_config = BitsAndBytesConfig(\n{bnb_args})\n\nlora_config = LoraConfig(\n{args})\n\n\n"
+        f"def load_for_training(model_name_or_path={settings.model_name_or_path!r}):\n"
+        f"    \"\"\"The base model in {settings.quant.load_in}, prepared for k-bit training, with the LoRA adapter.\"\"\"\n"
+        "    model = AutoModelForCausalLM.from_pretrained(\n"
+        "        model_name_or_path,\n"
+        "        quantization_config=bnb_config,\n"
+        "        device_map='auto' if torch.cuda.is_available() else None,\n"
+        "    )\n"
+        "    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={'use_reentrant': False})\n"
+        "    return get_peft_model(model, lora_config)\n"
+    )

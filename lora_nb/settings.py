@@ -588,17 +588,26 @@ class QuantSettings:
         import torch
         import transformers
 
+        kwargs = self.bnb_kwargs()
+        if kwargs is None:
+            return None
+        if "bnb_4bit_compute_dtype" in kwargs:
+            kwargs["bnb_4bit_compute_dtype"] = getattr(torch, kwargs["bnb_4bit_compute_dtype"])
+        try:
+            return transformers.BitsAndBytesConfig(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise SettingsError(f"transformers refused the quantization settings: {err}") from err
+
+    def bnb_kwargs(self) -> dict[str, Any] | None:
+        """The ``BitsAndBytesConfig`` keyword arguments :meth:`to_bnb` uses (the compute dtype by its torch
+        name), or None for ``load_in='none'``; also used to write code."""
         if self.load_in == "none":
             return None
         if self.load_in == "8bit":
-            return transformers.BitsAndBytesConfig(load_in_8bit=True)
-        try:
-            return transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
-                bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, self.bnb_4bit_compute_dtype))
-        except (ValueError, TypeError) as err:
-            raise SettingsError(f"transformers refused the quantization settings: {err}") from err
+            return {"load_in_8bit": True}
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+                "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
+                "bnb_4bit_compute_dtype": self.bnb_4bit_compute_dtype}
 
 
 # ---------------------------------------------------------------------------------------------------------------

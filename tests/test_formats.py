@@ -146,7 +146,7 @@ def test_default_settings_round_trip_in_every_form(form):
 
 
 def test_axolotl_peft_keys_and_lists(tmp_path):
-    text = "lora_r: 8\npeft_layers_to_transform: [0]\npeft_layers_pattern: [h]\npeft:\n  loftq_config: {loftq_bits: 2}\n"
+    text = "adapter: lora\nlora_r: 8\npeft_layers_to_transform: [0]\npeft_layers_pattern: [h]\npeft:\n  loftq_config: {loftq_bits: 2}\n"
     lora = load_settings(text).settings.lora
     assert (lora.layers_pattern, lora.init_lora_weights, lora.loftq_bits) == ("h", "loftq", 2)
     one = KitSettings(lora=LoraSettings(target_modules=["q_proj"], layers_to_transform=1))
@@ -229,7 +229,7 @@ def test_python_snippet_with_a_model_names_the_layers():
     ("hello: world\n", ConfigFileError, "cannot tell the settings form"),
     ("lora_r: abc\n", SettingsError, "lora_r must be an integer between 1 and 1024, got 'abc'"),
     ("adapter: ia3\n", SettingsError, "adapter must be one of 'lora', 'qlora', None, got 'ia3'"),
-    ("lora_target_modules: q_proj\n", SettingsError, "lora_target_modules must be a list"),
+    ("lora_target_modules: q_proj\n", SettingsError, "lora_target_modules 'q_proj' is one text"),
     ("load_in_4bit: true\nload_in_8bit: true\n", SettingsError, "both true"),
     ("lora:\n  r: 0\n", SettingsError, "lora.r must be an integer"),
     ("train:\n  seed: x\n", SettingsError, "train.seed must be an integer"),
