@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import DataError
+from .errors import DataError, quote
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
 ROLES = ("system", "user", "assistant")
@@ -65,11 +65,19 @@ def load_examples(source: Any, split: str | None = None):
         return _from_records(_pick_split(source, split, "the DatasetDict"), "the DatasetDict")
     if isinstance(source, datasets.Dataset):
         return _from_records(source, "the Dataset")
+    if isinstance(source, str) and not source.strip():
+        raise DataError(
+            "The data path is empty (an unset shell variable?). Give a .jsonl/.json/.csv file, or leave the "
+            "argument out to use the demo data."
+        )
+    if isinstance(source, str) and ("\0" in source or len(source) > 4096):
+        raise DataError(f"{quote(source)} is not a usable path or hub ID (it holds a NUL character or is longer "
+                        "than 4096 characters). Give a .jsonl/.json/.csv file.")
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
-        if path.is_file():
+        if _is_file(path):
             return _from_records(_read_file(path), str(path), file_rows=True)
-        if path.exists():
+        if _is_file(path, folder=True):
             raise DataError(f"{path} is a folder; pass a .jsonl, .json or .csv file inside it.")
         if path.suffix.lower() in (".jsonl", ".json", ".csv") or str(source).startswith((".", "/", "~")):
             raise DataError(f"Data file {path} does not exist. Check the path (relative paths start at {Path.cwd()}).")
@@ -78,6 +86,14 @@ def load_examples(source: Any, split: str | None = None):
         f"Cannot load examples from a {type(source).__name__}. Pass a .jsonl/.json/.csv path, a "
         "datasets.Dataset or DatasetDict, or a hub data set ID."
     )
+
+
+def _is_file(path: Path, folder: bool = False) -> bool:
+    """Whether ``path`` is a file (or, with ``folder``, exists at all); False where the OS cannot tell."""
+    try:
+        return path.exists() if folder else path.is_file()
+    except OSError:  # e.g. a file name longer than the file system allows
+        return False
 
 
 def _pick_split(dd, split: str | None, where: str):
@@ -135,23 +151,49 @@ def _read_file(path: Path) -> list[tuple[int, Any]]:
                     f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). Each line of a "
                     ".jsonl file must be one complete JSON object."
                 ) from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: nested too deeply to read. An example is an object holding "
+                                "text fields or a `messages` list.") from None
         return records
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}).") from None
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}). A .json data "
+                            "file holds one list of example objects; fix the line named.") from None
+        except RecursionError:
+            raise DataError(f"{path}: nested too deeply to read. A .json data file holds one list of example "
+                            "objects, each with text fields or a `messages` list.") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
         if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of example objects, not a {type(data).__name__}.")
+            raise DataError(f"{path}: a .json data file must hold a list of example objects, not a {type(data).__name__}. "
+                            "Put the examples in [ ... ], or use a .jsonl file with one object per line.")
         if not data:
             raise DataError(f"{path} holds an empty list; it needs at least one example.")
         return [(i, record) for i, record in enumerate(data)]
-    rows = list(csv.DictReader(io.StringIO(text)))
+    return _read_csv(path, text)
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[int, Any]]:
+    """Rows of a CSV file by line number; a row with more fields than the header is refused, not cut."""
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    try:
+        for row in reader:
+            if None in row:  # DictReader puts the fields beyond the header under the key None
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(row) - 1 + len(row[None])} fields, but the header has "
+                    f"{len(reader.fieldnames)} ({', '.join(map(str, reader.fieldnames))}). Quote fields that hold "
+                    'commas ("like, this"), or add the missing column names to the header.'
+                )
+            rows.append((reader.line_num, row))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({err}). Quote fields that hold commas, quotes "
+                        "or line breaks, or save the file as .jsonl.") from None
     if not rows:
         raise DataError(f"{path} has a header line but no rows; it needs at least one example.")
-    return [(i + 2, row) for i, row in enumerate(rows)]  # +2: line numbers count the header
+    return rows
 
 
 def _from_records(records: Iterable, where: str, file_rows: bool = False):
@@ -176,7 +218,8 @@ def _from_records(records: Iterable, where: str, file_rows: bool = False):
 
 def _to_chat(record: Any, at: str) -> list[dict[str, str]]:
     if not isinstance(record, dict):
-        raise DataError(f"{at}: an example must be a JSON object, got {type(record).__name__}.")
+        raise DataError(f"{at}: an example must be a JSON object with `messages` or an instruction/response pair, "
+                        f"got {type(record).__name__} {quote(record, 60)}.")
     chat_column = next((c for c in CHAT_COLUMNS if record.get(c) is not None), None)
     if chat_column:
         return _check_messages(record[chat_column], at, chat_column)
@@ -192,7 +235,7 @@ def _to_chat(record: Any, at: str) -> list[dict[str, str]]:
         if response_column is None:
             missing.append("a response field (" + "/".join(RESPONSE_COLUMNS) + ")")
         raise DataError(
-            f"{at}: missing {' and '.join(missing)}; found the fields {sorted(record)}. Each example "
+            f"{at}: missing {' and '.join(missing)}; found the fields {quote(sorted(map(str, record)), 200)}. Each example "
             "needs `messages` or an instruction/response pair."
         )
     response = record[response_column]
@@ -210,18 +253,19 @@ def _text(value: Any) -> bool:
 
 def _check_messages(messages: Any, at: str, column: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{at}: `{column}` must be a non-empty list of {{\"role\", \"content\"}} objects.")
+        raise DataError(f"{at}: `{column}` must be a non-empty list of {{\"role\", \"content\"}} objects, got "
+                        f"{quote(messages, 60)}.")
     chat = []
     for k, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(f"{at}: `{column}[{k}]` must be an object with `role` and `content`.")
         role = message.get("role", message.get("from"))
         content = message.get("content", message.get("value"))
-        role = _SHAREGPT_ROLES.get(role, role)
+        role = _SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise DataError(f"{at}: `{column}[{k}].role` is {role!r}; allowed roles are {', '.join(ROLES)}.")
+            raise DataError(f"{at}: `{column}[{k}].role` is {quote(role, 60)}; allowed roles are {', '.join(ROLES)}.")
         if not isinstance(content, str):
-            raise DataError(f"{at}: `{column}[{k}].content` is missing or not text.")
+            raise DataError(f"{at}: `{column}[{k}].content` is missing or not text; give each message a `content` text.")
         chat.append({"role": role, "content": content})
     if chat[-1]["role"] != "assistant" or not chat[-1]["content"].strip():
         raise DataError(

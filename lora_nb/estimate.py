@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from lora_nb.errors import SettingsError, quote
 from lora_nb.targets import TargetLayer, find_targets
 
 if TYPE_CHECKING:
@@ -50,9 +51,16 @@ def count_trainable(model: nn.Module, lora: LoraSettings) -> tuple[int, int]:
         ``(trainable, total)``, equal to peft's ``get_nb_trainable_parameters()``.
 
     Raises:
-        SettingsError: When the settings cannot be converted for this model.
+        SettingsError: When the settings cannot be converted for this model, or their targets match no layer.
     """
     adapted = adapted_layers(model, lora)
+    if not adapted:  # peft refuses to build such an adapter (NoMatchingPeftModuleError): say so, and what exists
+        targets = find_targets(model, include_output_head=True)
+        layers = "" if lora.layers_to_transform is None else f" in blocks {quote(lora.layers_to_transform)}"
+        raise SettingsError(
+            f"target_modules {quote(lora.target_modules)} match no layer of this model{layers}: its adaptable "
+            f"layers are {quote(targets.names, 400)} in blocks 0 to {targets.n_layers - 1}; choose among them, "
+            "or use 'all-linear'")
     adapter = sum(_adapter_params(lay, lora.r, lora.use_dora) for lay in adapted)
     saved = sum(_numel(m) for m in _modules_to_save(model, lora.modules_to_save or []))
     total = sum(_logical_numel(p) for p in model.parameters()) + adapter + saved

@@ -19,6 +19,10 @@ Group = Literal["attention", "mlp", "other"]
 _LAYER_INDEX = re.compile(r"(?:^|.*?\.)(?P<list>[^.]+)\.(?P<idx>\d+)\.")
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
+# Names of MLP linears that some architectures put directly in the block, with no "mlp" parent
+# (OPT, BioGPT, XGLM: decoder.layers.N.fc1 / fc2).
+_MLP_NAMES = ("fc1", "fc2", "fc_in", "fc_out", "c_fc", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj",
+              "dense_h_to_4h", "dense_4h_to_h")
 
 
 @dataclass(frozen=True)
@@ -133,10 +137,13 @@ def _linear_kind(module: nn.Linear) -> str:
 
 
 def _group(path: str) -> Group:
-    parents = path.split(".")[:-1]
+    """attention / mlp from the parent modules' names, else from the layer's own name inside a block."""
+    *parents, name = path.split(".")
     if any(w in part for part in parents for w in _ATTENTION_WORDS):
         return "attention"
     if any(w in part for part in parents for w in _MLP_WORDS):
+        return "mlp"
+    if name in _MLP_NAMES and _LAYER_INDEX.match(path):
         return "mlp"
     return "other"
 
