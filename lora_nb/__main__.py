@@ -3,6 +3,10 @@
     python -m lora_nb run                                  # demo model, demo data, demo-cpu preset
     python -m lora_nb run --config my.yaml --out runs/mine # the kit's YAML or an axolotl config
     python -m lora_nb run --model path/to/model --data train.jsonl --heldout test.jsonl
+    python -m lora_nb run --preset qlora-walkthrough --r 16 --alpha 32 --lr 2e-4 --steps 40
+
+Every argument is checked before the model is loaded (`lora_nb.arguments`, the settings' own
+checks): an empty `--data "$UNSET"` is refused rather than read as "the demo data".
 """
 
 from __future__ import annotations
@@ -10,25 +14,64 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import warnings
 
 from .errors import LoraNbError
+from .settings import SECTIONS, GenerationSettings, KitSettings, field_specs
+
+# Short command-line overrides: option -> (section, field). Type, help and range come from the field.
+OVERRIDES = {"r": ("lora", "r"), "alpha": ("lora", "lora_alpha"), "lr": ("train", "learning_rate"),
+             "steps": ("train", "max_steps")}
+_EXAMPLES = """\
+examples:
+  lora-nb run                                        demo model, demo data, demo-cpu preset (about a minute on CPU)
+  lora-nb run --preset qlora-walkthrough --steps 40  another preset, 40 optimizer steps
+  lora-nb run --r 8 --alpha 16 --lr 5e-4             the preset with a few settings changed
+  lora-nb run --config my.yaml --out runs/mine       the kit's YAML or an axolotl config
+  lora-nb run --model path/to/model --data train.jsonl --heldout test.jsonl --limit 20
+  lora-nb run --out runs/mine --resume               continue an interrupted run
+"""
+
+
+def _spec(section: str, name: str):
+    cls = SECTIONS[section] if section else KitSettings
+    return next(s for s in field_specs(cls) if s.name == name)
+
+
+def _epilog() -> str:
+    from .presets import PRESETS
+
+    lines = ["presets (--preset NAME):"]
+    for name, preset in PRESETS.items():
+        lines += textwrap.wrap(preset.description, width=100, initial_indent=f"  {name:<24} ",
+                               subsequent_indent=" " * 27)
+    return "\n".join(lines) + "\n\n" + _EXAMPLES
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-nb", description="LoRA/QLoRA fine-tuning kit.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="load -> configure -> train -> evaluate, into one run folder")
+    run = sub.add_parser("run", help="load -> configure -> train -> evaluate, into one run folder",
+                         description="Load a model, configure LoRA, train, and evaluate, into one run folder.",
+                         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", help="settings file: the kit's YAML or an axolotl config (default: the preset)")
-    run.add_argument("--preset", default="demo-cpu", help="preset used without --config (default: demo-cpu)")
+    run.add_argument("--preset", default="demo-cpu", help="preset used without --config (default: demo-cpu; "
+                                                          "listed below)")
     run.add_argument("--model", help="base model hub ID or folder (default: from the settings, the demo model)")
     run.add_argument("--data", help="training examples .jsonl/.json/.csv (default: the demo task's)")
     run.add_argument("--heldout", help="held-out examples (default: the demo task's)")
     run.add_argument("--out", help="run folder to write (default: a new runs/demo-<date>-<time>/)")
-    run.add_argument("--quant", choices=["4bit", "8bit", "none"], help="override quant.load_in")
-    run.add_argument("--max-steps", type=int, help="override train.max_steps")
-    run.add_argument("--limit", type=int, help="evaluate on the first N held-out examples only")
-    run.add_argument("--max-new-tokens", type=int, default=40, help="longest generated answer (default: 40)")
+    run.add_argument("--quant", choices=_spec("quant", "load_in").choices, help="override quant.load_in")
+    for option, (section, name) in OVERRIDES.items():
+        spec = _spec(section, name)
+        flags = [f"--{option}"] + (["--max-steps"] if name == "max_steps" else [])
+        run.add_argument(*flags, dest=option, type=spec.type, metavar=spec.type.__name__.upper(),
+                         help=f"override {section}.{name}: {spec.help}")
+    for name in ("limit", "max_new_tokens"):
+        spec = next(s for s in field_specs(GenerationSettings) if s.name == name)
+        run.add_argument(f"--{name.replace('_', '-')}", type=int, default=spec.default,
+                         help=f"{spec.help} (default: {spec.default if spec.default is not None else 'all'})")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     return parser
 
@@ -41,13 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --out: the run folder to continue")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from .arguments import check_run_arguments
     from .pipeline import run_pipeline
     from .runs import new_run_dir
 
+    overrides = {f"{section}.{name}": getattr(args, option)
+                 for option, (section, name) in OVERRIDES.items() if getattr(args, option) is not None}
     try:
-        out = args.out or new_run_dir("runs", "demo")
+        check_run_arguments(config=args.config, preset=args.preset, model=args.model, data=args.data,
+                            heldout=args.heldout, out=args.out, max_new_tokens=args.max_new_tokens, limit=args.limit)
+        out = args.out if args.out is not None else new_run_dir("runs", "demo")
         run_pipeline(args.config, model=args.model, data=args.data, heldout=args.heldout, out=out,
-                     preset=args.preset, quant=args.quant, max_steps=args.max_steps, limit=args.limit,
+                     preset=args.preset, quant=args.quant, overrides=overrides, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, resume=args.resume)
     except LoraNbError as err:  # the kit's errors already say what to do: no stack trace
         print(f"lora-nb: {err}", file=sys.stderr)

@@ -53,3 +53,7 @@ def quote(value: object, limit: int = 100) -> str:
     """
     text = _QUOTE.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ArgumentError(LoraNbError, ValueError):
+    """An argument of the command line or of a front-door function (a path, a count) is unusable."""

@@ -43,7 +43,7 @@ class PipelineResult:
 
 
 def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, model: str | None = None,
-              quant: str | None = None, max_steps: int | None = None):
+              quant: str | None = None, max_steps: int | None = None, overrides: dict[str, Any] | None = None):
     """The run's settings: a settings file (the kit's YAML or an axolotl config) or a preset, plus overrides.
 
     Args:
@@ -52,6 +52,7 @@ def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, mo
         model: Base model ID or folder, replacing the one in the settings.
         quant: "4bit", "8bit" or "none", replacing `quant.load_in`.
         max_steps: Optimizer steps, replacing `train.max_steps`.
+        overrides: More fields to replace, by `section.field` name (`{"lora.r": 8}`).
 
     Returns:
         The checked `KitSettings`.
@@ -79,6 +80,7 @@ def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, mo
         settings.quant.load_in = quant
     if max_steps is not None:
         settings.train.max_steps = max_steps
+    settings.override(overrides or {})
     settings.check(check_environment=False)
     return settings
 
@@ -138,6 +140,7 @@ def run_pipeline(
     max_new_tokens: int = 40,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    overrides: dict[str, Any] | None = None,
 ) -> PipelineResult:
     """Load, configure, train and evaluate; write everything into the run folder `out`.
 
@@ -154,6 +157,7 @@ def run_pipeline(
         max_new_tokens: Longest generated answer in the evaluation.
         resume: Continue an interrupted run in `out`.
         log: Where progress lines go.
+        overrides: Settings to replace, by `section.field` name (`{"lora.r": 8}`).
 
     Returns:
         A `PipelineResult`.
@@ -164,9 +168,13 @@ def run_pipeline(
     from .plots import plot_losses
     from .train import train
 
+    from .arguments import check_run_arguments
+
+    check_run_arguments(config=config, preset=preset, model=model, data=data, heldout=heldout, out=out,
+                        max_new_tokens=max_new_tokens, limit=limit)  # before any long work
     started = time.perf_counter()
     out = Path(out)
-    settings = configure(config, preset, model, quant, max_steps)
+    settings = configure(config, preset, model, quant, max_steps, overrides)
     source = f"settings file {config}" if config else f"preset {preset!r}"
     log(f"[1/4] settings   : {source}; model {settings.model_name_or_path}, quant {settings.quant.load_in}, "
         f"r {settings.lora.r}, lr {settings.train.learning_rate:g}, max_steps {settings.train.max_steps}")
@@ -179,8 +187,8 @@ def run_pipeline(
         f"{report.footprint_mb:,.1f} MB, {report.quantization}" + (f" ({loaded.note})" if loaded.note else ""))
 
     train_path, heldout_path = demo_data_paths()
-    data = data or train_path
-    heldout = heldout or heldout_path
+    data = train_path if data is None else data
+    heldout = heldout_path if heldout is None else heldout
     log(f"[3/4] training   : {data} -> {out}")
     result = train(loaded.model, loaded.tokenizer, data, settings, out, eval_data=heldout, resume=resume)
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"

@@ -902,6 +902,22 @@ class KitSettings:
                         "steps are slower and small models save no memory")
         return tips
 
+    def override(self, overrides: dict[str, Any]) -> None:
+        """Sets fields by ``section.field`` name (``{"lora.r": 8, "train.learning_rate": 5e-4}``), in place.
+
+        Values are not range-checked here: call :meth:`check`.
+
+        Raises:
+            SettingsError: On a name that is no field of the settings.
+        """
+        for key, value in overrides.items():
+            section, _, name = str(key).rpartition(".")
+            owner = getattr(self, section) if section in SECTIONS else self if not section else None
+            if owner is None or name not in {s.name for s in field_specs(owner)} or name in SECTIONS:
+                raise SettingsError(f"cannot override {quote(key)}: name a field as section.field, e.g. 'lora.r', "
+                                    f"'train.learning_rate' (sections: {', '.join(SECTIONS)})")
+            setattr(owner, name, value)
+
     def to_peft(self, model: torch.nn.Module | None = None) -> peft.LoraConfig:
         """Same as :meth:`LoraSettings.to_peft` for the ``lora`` section."""
         return self.lora.to_peft(model)
@@ -999,11 +1015,3 @@ class GenerationSettings:
         """Raises one :class:`SettingsError` listing every problem, if there is any."""
         _raise_if(self.problems())
 
-
-def check_generation(max_new_tokens: Any = 40, limit: Any = None) -> None:
-    """Checks generation arguments before the long work (loading, training), at every front door.
-
-    Raises:
-        SettingsError: e.g. ``"max_new_tokens must be an integer between 1 and 8192, got 0 (default 40)"``.
-    """
-    GenerationSettings(max_new_tokens=max_new_tokens, limit=limit).check()
