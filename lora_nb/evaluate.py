@@ -192,8 +192,10 @@ def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_token
     Returns:
         The answers (new text only, special tokens removed, stripped), one per prompt.
     """
+    from .arguments import check_generation
     from .data import render_prompt
 
+    check_generation(max_new_tokens)
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
     chats = [_as_chat(p) for p in prompts]
@@ -262,6 +264,9 @@ def compare_generations(base, tuned, tokenizer, prompts: Sequence[Prompt], refer
     Returns:
         A `Table` of rows `{"prompt", "reference", "before", "after"}` (HTML in a notebook).
     """
+    from .arguments import check_generation
+
+    check_generation(max_new_tokens)  # before the first of two generation passes
     if base is None or base is tuned:
         before = generate(tuned, tokenizer, prompts, max_new_tokens, adapter=False)
     else:
@@ -331,9 +336,11 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
     Returns:
         An `EvalReport`.
     """
+    from .arguments import check_generation
     from .data import load_examples
     from .demo_task import score_predictions
 
+    check_generation(max_new_tokens, limit)  # before the slow loss and generation passes
     score = score or score_predictions
     started = time.perf_counter()
     examples = load_examples(heldout)

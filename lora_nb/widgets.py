@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import ipywidgets as W
 import yaml
 
-from lora_nb.errors import LoraNbError, SettingsError
+from lora_nb.errors import ConfigFileError, LoraNbError, SettingsError, quote
 from lora_nb.settings import ALL_LINEAR, SECTIONS, FieldSpec, KitSettings, LoraSettings, field_specs
 
 if TYPE_CHECKING:
@@ -180,6 +180,7 @@ class LoraConfigurator:
         """
         from lora_nb import formats
 
+        _check_form(form)
         settings = self.settings
         if form == "python":
             return formats.to_python(settings, self.model)
@@ -200,12 +201,15 @@ class LoraConfigurator:
             ConfigFileError: When the file cannot be written.
         """
         from lora_nb import formats
+        from lora_nb.files import write_text_atomic
 
+        _check_form(form)
+        if path is not None and not str(path).strip():
+            raise ConfigFileError(f"the {EXPORT_TITLES[form]} file name is empty: type a path such as "
+                                  f"{self.run_dir / EXPORT_FILES[form]}")
         path = Path(path) if path is not None else self.run_dir / EXPORT_FILES[form]
         if form == "python":
-            text = self.export_text(form)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+            write_text_atomic(path, self.export_text(form), error=ConfigFileError)  # as every settings file
             return path
         formats.save_settings(self.settings, path, form)
         return path
@@ -474,9 +478,23 @@ class LoraConfigurator:
         if not files:
             return
         item = files[0]
-        result = formats.load_settings(bytes(item["content"]).decode("utf-8"))
+        name = quote(str(item.get("name", "")), 80)
+        content = item["content"]
+        if len(content) > formats.MAX_SETTINGS_CHARS:
+            raise ConfigFileError(f"upload {name} holds {len(content):,} bytes, more than a settings file's "
+                                  f"{formats.MAX_SETTINGS_CHARS:,}: upload the settings file (.yaml, .yml or .json)")
+        try:
+            text = bytes(content).decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ConfigFileError(f"upload {name} is not UTF-8 text (byte {bytes(content)[err.start]:#04x} at offset "
+                                  f"{err.start}): save it as UTF-8 (in most editors: 'Save with encoding' -> "
+                                  "UTF-8) and upload it again") from None
+        # The upload's text is parsed as settings, never as a path: its content cannot open a file here.
+        result = formats.load_settings_text(text, where=f"upload {name}")
         self.set_settings(result.settings)
-        self.message = f"loaded upload {html.escape(item['name'])}"
+        unknown = list(result.unknown_keys)
+        self.message = f"loaded upload {html.escape(name)}" + (
+            f"; keys not used by the kit: {html.escape(quote(unknown, 300))}" if unknown else "")
         self._show_message()
 
     def _set_field(self, key: Key, value: Any) -> None:
@@ -707,6 +725,13 @@ def _q_and_v(targets: Targets) -> list[str]:
     """The query and value projections by their usual names (empty for fused ones such as c_attn)."""
     pairs = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"))
     return next((list(p) for p in pairs if all(n in targets.attention for n in p)), [])
+
+
+def _check_form(form: str) -> None:
+    """Refuses an export form the configurator does not write, naming the ones it does."""
+    if form not in EXPORT_FORMS:
+        raise SettingsError(f"export form must be one of {', '.join(EXPORT_FORMS)}, got {quote(form)}: choose one "
+                            "of them")
 
 
 def _spec(key: Key) -> FieldSpec:
