@@ -487,8 +487,7 @@ class LoraSettings:
         layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
         outside = [i for i in layers or [] if i >= targets.n_layers]
         if outside:
-            found.append(f"layers_to_transform {quote(outside)} outside the model's blocks 0 to {targets.n_layers - 1}: "
-                         "use indices in that range")
+            found.append(f"layers_to_transform {quote(outside)} outside the model's blocks 0 to {targets.n_layers - 1}")
         if self.layers_pattern and not _pattern_matches(self.layers_pattern, [lay.path for lay in targets.layers]):
             found.append(f"layers_pattern {quote(self.layers_pattern)} matches no numbered module list of this model "
                          f"(peft looks for '<pattern>.<index>.' in module paths): its blocks are in "
