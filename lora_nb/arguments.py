@@ -51,7 +51,24 @@ def path_problems(**paths: Any) -> list[str]:
             found.append(f"{name} is empty (an unset shell variable?): give a {what}, or {default}")
         elif "\0" in str(value):
             found.append(f"{name} {quote(str(value), 60)} holds a NUL character: give a {what}")
+        elif name in ("config", "data", "heldout") and _missing_local_file(value):
+            found.append(f"{name} {quote(str(value), 200)}: no such file (a relative path starts at {os.getcwd()}); "
+                         f"check the path, or {default}")
     return found
+
+
+def _missing_local_file(value: str | os.PathLike) -> bool:
+    """A path that names a local file (a data/settings suffix, or starting with . / ~) that is not there.
+
+    Other text may be a hub data set ID, which the data reader resolves.
+    """
+    text = str(value)
+    local = isinstance(value, os.PathLike) or Path(text).suffix.lower() in (".jsonl", ".json", ".csv", ".yaml", ".yml") \
+        or text.startswith((".", "/", "~"))
+    try:
+        return local and len(text) <= 4096 and not Path(text).expanduser().exists()
+    except OSError:
+        return False
 
 
 def out_dir_problems(out: Any) -> list[str]:

@@ -175,7 +175,8 @@ def detect_form(data: Any) -> Form:
 
 
 def _read(source: str | os.PathLike) -> str:
-    if isinstance(source, (str, os.PathLike)) and not str(source).strip() or str(source) == ".":
+    if isinstance(source, (str, os.PathLike)) and not str(source).strip() or (
+            isinstance(source, os.PathLike) and str(source) == "."):  # Path("") is "."
         raise ConfigFileError("the settings path is empty (an unset shell variable?): give a .yaml/.yml/.json "
                               "file, or leave the option out to use a preset")
     if isinstance(source, os.PathLike) or _looks_like_path(source):
