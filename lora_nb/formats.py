@@ -326,7 +326,7 @@ def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list
         values["train"]["train_on_responses_only"] = not data["train_on_inputs"]
     bf16, fp16 = data.get("bf16"), data.get("fp16")
     if bf16 in (True, "auto") and fp16 is True:
-        problems.append(f"bf16 {quote(bf16)} and fp16 true are both set: training runs in one precision; keep "
+        problems.append(f"bf16 {_as_yaml(bf16)} and fp16 true are both set: training runs in one precision; keep "
                         "one of them (bf16 on GPUs that support it, else fp16) and set the other to false")
     elif bf16 == "auto":
         values["train"]["precision"] = "auto"
@@ -337,6 +337,12 @@ def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list
     elif bf16 is False or fp16 is False:
         values["train"]["precision"] = "fp32"
     return problems
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as it reads in a YAML file: true / false / not set / the value."""
+    return {True: "true", False: "false", None: "not set"}.get(value, quote(value)) if isinstance(
+        value, (bool, type(None))) else quote(value)
 
 
 def _axolotl_adapter(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
@@ -373,7 +379,8 @@ def _axolotl_targets(data: dict, values: dict[str, dict[str, Any]]) -> list[str]
     elif names:
         values["lora"]["target_modules"] = list(names)
     elif linear is False or names == []:
-        return [f"no layers to adapt: lora_target_linear is {quote(linear)} and lora_target_modules is {quote(names)}; "
+        return [f"no layers to adapt: lora_target_linear is {_as_yaml(linear)} and lora_target_modules is "
+                f"{_as_yaml(names)}; "
                 "set lora_target_linear: true for every linear layer, or list the layers in lora_target_modules "
                 "(e.g. [q_proj, v_proj])"]
     elif data.get("adapter") is not None:

@@ -144,13 +144,13 @@ def test_axolotl_union_of_all_linear_and_listed_modules(model):
 
 
 @pytest.mark.parametrize("text,says", [
-    ("adapter: lora\nlora_target_linear: false\n", "no layers to adapt: lora_target_linear is False"),
+    ("adapter: lora\nlora_target_linear: false\n", "no layers to adapt: lora_target_linear is false and lora_target_modules is not set"),
     ("adapter: lora\nlora_target_modules: []\n", "no layers to adapt"),
     ("adapter: lora\nlora_target_linear: false\nlora_target_modules: []\n", "no layers to adapt"),
     ("adapter: qlora\nload_in_4bit: true\nload_in_8bit: true\nlora_target_linear: true\n", "both true"),
     ("adapter: qlora\nload_in_8bit: true\nlora_target_linear: true\n", "adapter qlora with load_in_8bit true"),
     ("adapter: qlora\nlora_target_linear: true\n", "adapter qlora needs load_in_4bit: true"),
-    ("adapter: lora\nbf16: true\nfp16: true\nlora_target_linear: true\n", "bf16 True and fp16 true are both set"),
+    ("adapter: lora\nbf16: true\nfp16: true\nlora_target_linear: true\n", "bf16 true and fp16 true are both set"),
     ("adapter: lora\nbf16: auto\nfp16: true\nlora_target_linear: true\n", "bf16 'auto' and fp16 true"),
     ("lora_r: 8\nlora_target_linear: true\n", "adapter is not set"),
     ("load_in_8bit: true\nlora_target_linear: true\n", "adapter is not set"),
