@@ -551,7 +551,7 @@ class LoraConfigurator:
         value = _get(self._draft, key)
         with self._quietly():
             if key == ("lora", "target_modules") and self._targets is not None:
-                every = value == ALL_LINEAR
+                every = value == ALL_LINEAR or ALL_LINEAR in value  # ["all-linear", "lm_head"]: all, plus more
                 self._all_linear.value = every
                 chosen = set(value) if isinstance(value, list) else set()
                 for n, box in self._target_boxes.items():

@@ -394,3 +394,11 @@ def test_presets_cite_sources_that_exist():
     for name, preset in PRESETS.items():
         assert "reference/" not in preset.description, name  # no file outside the repository
     assert "alpha/r = 4" in PRESETS["qlora-walkthrough"].description
+
+
+def test_the_configurator_shows_an_axolotl_union_as_all_linear():
+    conf = LoraConfigurator(tiny_model("llama"))
+    conf.set_settings(load_settings("adapter: lora\nlora_target_linear: true\nlora_target_modules: [lm_head]\n").settings)
+    assert conf._all_linear.value and all(box.value for box in conf._target_boxes.values())
+    wrapped = peft.get_peft_model(tiny_model("llama"), conf.settings.to_peft(tiny_model("llama")))
+    assert conf.errors == [] and conf.trainable[0] == wrapped.get_nb_trainable_parameters()[0]
