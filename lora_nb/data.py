@@ -101,7 +101,7 @@ def _pick_split(dd, split: str | None, where: str):
     if split is None:
         split = "train" if "train" in names else (names[0] if len(names) == 1 else None)
     if split not in names:
-        raise DataError(f"{where} has the splits {names}; pass split= one of them.")
+        raise DataError(f"{where} has the splits {quote(names)}; pass split= one of them.")
     return dd[split]
 
 

@@ -131,7 +131,7 @@ def load_settings_text(text: str, where: str = "the settings") -> LoadResult:
         ConfigFileError, SettingsError: As :func:`load_settings`.
     """
     if not isinstance(text, str):
-        raise ConfigFileError(f"{where} must be text, got {type(text).__name__}")
+        raise ConfigFileError(f"{where} must be text, got {type(text).__name__}: pass the file's content as a str")
     return settings_from_mapping(_parse(text, where))
 
 
@@ -462,7 +462,8 @@ def _read_lora(data: dict) -> tuple[KitSettings, dict[str, Any]]:
 
 def _read_peft(data: dict) -> tuple[KitSettings, dict[str, Any]]:
     if data.get("peft_type") != "LORA":
-        raise ConfigFileError(f"peft_type must be 'LORA' for a LoRA adapter config, got {data.get('peft_type')!r}")
+        raise ConfigFileError(f"peft_type must be 'LORA' for a LoRA adapter config, got {quote(data.get('peft_type'))}: "
+                              "the kit trains LoRA adapters only; give a LoRA adapter_config.json")
     kwargs = {k: v for k, v in data.items() if k not in PEFT_BOOKKEEPING}
     lora, unknown = _lora_from_peft_kwargs(kwargs, "")
     model = data.get("base_model_name_or_path")
@@ -480,7 +481,8 @@ def _lora_from_peft_kwargs(kwargs: Any, prefix: str) -> tuple[LoraSettings, dict
     import peft
 
     if not isinstance(kwargs, dict):
-        raise ConfigFileError(f"{prefix or 'the adapter config'} must be a mapping, got {type(kwargs).__name__}")
+        raise ConfigFileError(f"{prefix or 'the adapter config'} must be a mapping of LoraConfig arguments (r: 8, ...), "
+                              f"got {type(kwargs).__name__}: {quote(kwargs)}")
     own = {s.name for s in field_specs(LoraSettings)}
     peft_defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                      for f in dataclasses.fields(peft.LoraConfig)}
@@ -542,8 +544,8 @@ def dump_settings(settings: KitSettings, form: Form = "kit") -> str:
     Raises:
         SettingsError: When the settings are invalid or the form is unknown.
     """
-    if form not in _WRITERS:
-        raise SettingsError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if not isinstance(form, str) or form not in _WRITERS:
+        raise SettingsError(f"form must be one of {', '.join(FORMS)}, got {quote(form)}: choose one of them")
     settings.check(check_environment=False)
     return _WRITERS[form](settings)
 

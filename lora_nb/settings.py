@@ -430,7 +430,7 @@ class LoraSettings:
         try:
             return peft.LoraConfig(**self.peft_kwargs(model))
         except (ValueError, TypeError, ImportError) as err:
-            raise SettingsError(f"peft refused the LoRA settings: {err}") from err
+            raise SettingsError(f"peft refused the LoRA settings: {err}; change the setting it names") from err
 
     def peft_kwargs(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """The keyword arguments :meth:`to_peft` passes to ``peft.LoraConfig`` (also used to write code).
@@ -483,7 +483,7 @@ class LoraSettings:
             unknown = [n for n in self.target_modules if n not in targets.names and n != ALL_LINEAR]
             if unknown:
                 found.append(f"target_modules {unknown} not found in the model (peft would skip them silently); "
-                             f"its adaptable layers are {targets.names}")
+                             f"its adaptable layers are {targets.names}: correct the names, or use 'all-linear'")
         layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
         outside = [i for i in layers or [] if i >= targets.n_layers]
         if outside:
@@ -495,7 +495,7 @@ class LoraSettings:
         if self.fan_in_fan_out != targets.fan_in_fan_out:
             kind = "Conv1D (weights stored in x out)" if targets.fan_in_fan_out else "nn.Linear (weights out x in)"
             found.append(f"fan_in_fan_out must be {targets.fan_in_fan_out} for this model, whose layers are "
-                         f"{kind}; got {self.fan_in_fan_out}")
+                         f"{kind}; got {self.fan_in_fan_out}: set it to {targets.fan_in_fan_out}")
         paths = [path for path, _ in model.named_modules() if path]
         missing = [m for m in self.modules_to_save or [] if not any(p.endswith(m) for p in paths)]  # peft's rule
         if missing:
@@ -595,7 +595,8 @@ class QuantSettings:
         try:
             return transformers.BitsAndBytesConfig(**kwargs)
         except (ValueError, TypeError) as err:
-            raise SettingsError(f"transformers refused the quantization settings: {err}") from err
+            raise SettingsError(f"transformers refused the quantization settings: {err}; change the setting it "
+                                "names, or set load_in to 'none'") from err
 
     def bnb_kwargs(self) -> dict[str, Any] | None:
         """The ``BitsAndBytesConfig`` keyword arguments :meth:`to_bnb` uses (the compute dtype by its torch
@@ -797,7 +798,7 @@ class TrainSettings:
         try:
             return transformers.TrainingArguments(**kwargs)
         except (ValueError, TypeError, ImportError) as err:
-            raise SettingsError(f"transformers refused the training settings: {err}") from err
+            raise SettingsError(f"transformers refused the training settings: {err}; change the setting it names") from err
 
     def resolved_precision(self) -> Literal["fp32", "bf16", "fp16"]:
         """The precision training will use: 'auto' resolved for this machine."""
