@@ -312,7 +312,7 @@ def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list
                 for key, allowed in _AXOLOTL_CHOICES.items()
                 if not any(data.get(key) is a or (isinstance(a, str) and data.get(key) == a) for a in allowed)]
     targets = data.get("lora_target_modules")
-    if isinstance(targets, str):
+    if isinstance(targets, str) and data.get("lora_target_linear") is not True:
         problems.append(f"lora_target_modules {quote(targets)} is one text, which peft reads as a regular expression "
                         "over whole module paths; the kit takes names: write a list such as [q_proj, v_proj]")
     elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
@@ -372,6 +372,7 @@ def _axolotl_adapter(data: dict, values: dict[str, dict[str, Any]]) -> list[str]
 
 def _axolotl_targets(data: dict, values: dict[str, dict[str, Any]]) -> list[str]:
     linear, names = data.get("lora_target_linear"), data.get("lora_target_modules")
+    names = [names] if isinstance(names, str) else names  # with lora_target_linear, axolotl takes a text as one name
     if linear and names:
         values["lora"]["target_modules"] = [ALL_LINEAR, *[n for n in names if n != ALL_LINEAR]]  # axolotl's union
     elif linear:

@@ -173,6 +173,8 @@ def test_axolotl_values_mean_what_axolotl_means():
     assert kit.lora.lora_dropout == 0.0  # axolotl's default when lora_dropout is not given (the kit's is 0.05)
     assert (kit.train.per_device_train_batch_size, kit.train.gradient_accumulation_steps) == (2, 4)
     assert (kit.lora.init_lora_weights, kit.quant.load_in, kit.train.precision) == ("pissa", "4bit", "fp32")
+    union = load_settings("adapter: lora\nlora_target_linear: true\nlora_target_modules: lm_head\n").settings.lora
+    assert union.target_modules == ["all-linear", "lm_head"]  # axolotl's load_lora wraps one text in a list
     with pytest.warns(UserWarning, match="neither lora_target_linear nor lora_target_modules is set"):
         assert load_settings("adapter: lora\nlora_r: 4\n").settings.lora.target_modules == "all-linear"
 
