@@ -315,7 +315,8 @@ def _read_axolotl_special(data: dict, values: dict[str, dict[str, Any]]) -> list
     if isinstance(targets, str) and data.get("lora_target_linear") is not True:
         problems.append(f"lora_target_modules {quote(targets)} is one text, which peft reads as a regular expression "
                         "over whole module paths; the kit takes names: write a list such as [q_proj, v_proj]")
-    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    elif targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         problems.append(f"lora_target_modules must be a list of module names, got {quote(targets)}")
     if problems:
         return problems
