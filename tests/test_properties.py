@@ -11,7 +11,11 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
+import datasets  # noqa: F401 - imported once here, so the 10 s limit measures the kit, not first imports
+import lora_nb.evaluate  # noqa: F401
 import lora_nb.loading
+import lora_nb.plots  # noqa: F401
+import lora_nb.train  # noqa: F401
 from lora_nb.__main__ import main
 from lora_nb.data import ROLES, load_examples
 from lora_nb.errors import LoraNbError
