@@ -8,8 +8,10 @@ file as it was and no temporary file behind.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 from .errors import LoraNbError, RunFolderError
@@ -64,3 +66,50 @@ def write_text_atomic(path: Path, text: str, error: type[LoraNbError] = RunFolde
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def damaged_weights(path: Path) -> str | None:
+    """Why a weight, optimizer or RNG file is damaged (cut short, emptied), or None when it looks whole.
+
+    Reads only the safetensors header or the zip directory at the end of a `torch.save` file: no
+    tensor is loaded, so checking a checkpoint costs milliseconds.
+
+    Args:
+        path: A `.safetensors`, `.pt`, `.pth` or `.bin` file (other files are not checked: None).
+
+    Returns:
+        A phrase that completes "<file name> ...", e.g. "is cut short: 1,204 of 8,392 bytes".
+    """
+    path = Path(path)
+    if path.suffix not in _WEIGHT_SUFFIXES or not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            return _damaged_safetensors(f, head, size)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return f"is cut short: its zip directory is missing ({size:,} bytes; torch.save files end with it)"
+    return None
+
+
+def _damaged_safetensors(f, head: bytes, size: int) -> str | None:
+    if len(head) < 8:
+        return f"is cut short: {size} bytes, less than a safetensors header"
+    header_size = int.from_bytes(head, "little")
+    if header_size > size - 8:
+        return f"is cut short: {size:,} bytes, but its header alone needs {header_size + 8:,}"
+    try:
+        header = json.loads(f.read(header_size))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "has a damaged safetensors header"
+    expected = 8 + header_size + end
+    if size < expected:
+        return f"is cut short: {size:,} of {expected:,} bytes"
+    return None

@@ -155,12 +155,16 @@ def test_run_folder_refusals(tiny, uninterrupted, tmp_path):
         train(fresh_model(model_dir), tokenizer, train_set, settings, run, resume=True)
 
 
-def test_already_wrapped_model_is_used_as_is(tiny, tmp_path):
+def test_model_with_another_adapter_trains_the_settings_adapter(tiny, tmp_path):
     model_dir, tokenizer, train_set, _ = tiny
     settings = tiny_settings(model_dir, max_steps=1)
-    wrapped = _with_adapter(fresh_model(model_dir), settings)
-    result = train(wrapped, tokenizer, load_examples(demo_data_paths()[0]).select(range(8)), settings, tmp_path / "run")
-    assert result.model is wrapped and result.global_step == 1
+    other = tiny_settings(model_dir)
+    other.lora.r, other.lora.target_modules = 2, ["q_proj"]
+    wrapped = _with_adapter(fresh_model(model_dir), other)
+    with pytest.warns(UserWarning, match=r"already carried a LoRA adapter .*it was taken off"):
+        result = train(wrapped, tokenizer, load_examples(demo_data_paths()[0]).select(range(8)), settings, tmp_path / "run")
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert result.global_step == 1 and config["r"] == 8 and len(config["target_modules"]) == 7
 
 
 def test_same_seed_same_adapter_init_and_no_peft_warning(tiny):
