@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import LoraNbError, RunFolderError
 
@@ -66,6 +68,45 @@ def write_text_atomic(path: Path, text: str, error: type[LoraNbError] = RunFolde
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_folder_atomic(target: Path, write: Callable[[Path], None], error: type[LoraNbError] = RunFolderError) -> Path:
+    """Fill a folder so that readers see the old folder or the new one, never a mix.
+
+    `write(staging)` fills a hidden folder beside `target`; it is then swapped in, and a folder
+    already at `target` is removed only once the new one is in place.
+
+    Raises:
+        LoraNbError: of type `error`, when writing fails (disk full, read-only folder); a folder
+            already in `target` is left as it was and no staging folder stays behind.
+    """
+    target = Path(target)
+    staging = None
+    old = target.with_name(f".{target.name}.old")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes 0700 folders
+        write(staging)
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except OSError as err:
+        if isinstance(err, LoraNbError):
+            raise
+        raise cannot_write(target, err, error) from err
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")

@@ -22,8 +22,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +33,7 @@ from .errors import RunFolderError, SettingsError
 from .files import cannot_write as _cannot_write
 from .files import damaged_weights
 from .model_checks import check_causal, check_positions, model_name, template_refusal
-from .files import umask as _umask
-from .files import write_text_atomic
+from .files import write_folder_atomic, write_text_atomic
 
 SETTINGS_FILE = "settings.yaml"
 RUN_FILE = "run.json"
@@ -287,35 +284,13 @@ def save_adapter(model, target: Path, convert_from: Path | None = None) -> Path:
         RunFolderError: the adapter cannot be written (disk full, read-only folder); an adapter
             already in `target` is left as it was and no staging folder stays behind.
     """
-    staging = None
-    old = target.with_name(f".{target.name}.old")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+    def write(staging: Path) -> None:
         if convert_from is None:
             model.save_pretrained(staging)
         else:
             model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(convert_from))
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(old, target)  # put the previous adapter back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except OSError as err:
-        if isinstance(err, RunFolderError):
-            raise
-        raise _cannot_write(target, err) from err
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return write_folder_atomic(target, write)
 
 
 def settings_yaml(settings) -> str:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from lora_nb import formats, train as train_module
+from lora_nb import files, formats
 from lora_nb.__main__ import main
 from lora_nb.data import load_examples
 from lora_nb.demo_task import demo_data_paths
@@ -245,7 +246,7 @@ def test_read_only_output_folder_stops_train_before_training(tiny_model_dir, tok
     def refuse(*args, **kwargs):
         raise EACCES
 
-    monkeypatch.setattr(train_module.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     started = []
 
     class Started(TrainerCallback):
@@ -297,3 +298,73 @@ def test_same_seed_same_adapter_and_losses_whatever_the_global_rng(tiny_model_di
     unseeded = _with_adapter(fresh_model(tiny_model_dir), settings)
     other = {n: p for n, p in unseeded.named_parameters() if "lora_A" in n}
     assert other.keys() == init_a.keys() and not any(torch.equal(init_a[n], other[n]) for n in other)
+
+
+# ------------------------------------------------------------------- notebook habits (issue 11, item 1)
+def test_training_twice_on_the_same_model_object_starts_from_the_base(tiny_model_dir, tokenizer, examples, tmp_path):
+    model = fresh_model(tiny_model_dir)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = small_settings(tiny_model_dir)
+    first = train(model, tokenizer, examples, settings, tmp_path / "run1")
+    # The first run's get_peft_model replaced the layers of `model` in place; run the same call again.
+    with pytest.warns(UserWarning, match=r"already carried a LoRA adapter .*taken off"):
+        second = train(model, tokenizer, examples, settings, tmp_path / "run2")
+    assert [loss for _, loss in second.train_losses] == [loss for _, loss in first.train_losses]
+    assert json.loads((second.adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    base = second.model.get_base_model()
+    assert sum(isinstance(m, LoraLayer) for m in base.modules()) == 14  # 7 linears x 2 blocks, none wrapped twice
+    with second.model.disable_adapter():
+        now = {n.replace(".base_layer", ""): p for n, p in base.named_parameters() if "lora_" not in n}
+    assert now.keys() == original.keys() and all(torch.equal(now[n], original[n]) for n in original)
+
+
+# ------------------------------------------------------------- inits that rewrite the base (item 4)
+class LogitsAtEnd(TrainerCallback):
+    """The trained model's logits on a fixed input, taken when training ends (before the kit converts)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids, self.logits = ids, None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(input_ids=self.ids).logits.clone()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_rewriting_init_keeps_the_base_and_saves_a_plain_lora(init, tiny_model_dir, tokenizer, examples, tmp_path):
+    from lora_nb.evaluate import heldout_loss, load_adapter, merge_adapter
+
+    settings = small_settings(tiny_model_dir, lora=LoraSettings(r=4, lora_alpha=8, init_lora_weights=init))
+    ids = torch.tensor([[5, 17, 33, 60, 2, 9]])
+    probe = LogitsAtEnd(ids)
+    result = train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / "run", callbacks=[probe])
+    base = fresh_model(tiny_model_dir)
+    # "Before" (adapter off) is the pristine base again, not the residual W - s B0 A0.
+    assert heldout_loss(result.model, tokenizer, examples, adapter=False).loss == pytest.approx(
+        heldout_loss(base, tokenizer, examples).loss, abs=1e-5)
+    result.model.eval()
+    with torch.no_grad():
+        assert (result.model(input_ids=ids).logits - probe.logits).abs().max() < 1e-4  # "after" = what was trained
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # peft's conversion: rank 2r, plain LoRA
+    reloaded = load_adapter(base, result.run_dir)
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - probe.logits).abs().max() < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(result.run_dir, tmp_path / "merged"))
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - probe.logits).abs().max() < 1e-4
+
+
+def test_before_numbers_refused_on_a_rewritten_base_the_kit_did_not_restore(tiny_model_dir, tokenizer, examples):
+    from peft import LoraConfig, get_peft_model
+
+    from lora_nb.errors import ModelLoadError
+    from lora_nb.evaluate import heldout_loss
+
+    model = get_peft_model(fresh_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with pytest.raises(ModelLoadError, match=r"init_lora_weights 'pissa', which rewrote the base weights.*load the base model fresh"):
+        heldout_loss(model, tokenizer, examples, adapter=False)
+    with pytest.raises(SettingsError, match=r"rewrote the base weights, so its base model cannot be recovered"):
+        train(model, tokenizer, examples, small_settings(tiny_model_dir), "unused-run-dir")
+    assert not Path("unused-run-dir").exists()
