@@ -368,3 +368,107 @@ def test_before_numbers_refused_on_a_rewritten_base_the_kit_did_not_restore(tiny
     with pytest.raises(SettingsError, match=r"rewrote the base weights, so its base model cannot be recovered"):
         train(model, tokenizer, examples, small_settings(tiny_model_dir), "unused-run-dir")
     assert not Path("unused-run-dir").exists()
+
+
+# ---------------------------------------------------------------- never write over the user's files (item 5)
+def test_new_run_refuses_a_folder_with_the_users_own_files(tiny_model_dir, tokenizer, examples, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "settings.yaml").write_text("my own notes\n")
+    (out / "metrics.json").write_text('{"mine": 1}\n')
+    (out / "notes.txt").write_text("unrelated\n")
+    with pytest.raises(RunFolderError, match=r"already holds metrics\.json, settings\.yaml, which this kit did not write"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), out)
+    assert (out / "settings.yaml").read_text() == "my own notes\n" and (out / "metrics.json").read_text() == '{"mine": 1}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "settings.yaml"]
+    (out / "settings.yaml").unlink()
+    (out / "metrics.json").unlink()
+    result = train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), out)
+    assert (out / "notes.txt").read_text() == "unrelated\n" and "settings.yaml" in RunFolder(out).written()
+    write_report_into = tmp_path / "plain"
+    write_report_into.mkdir()
+    (write_report_into / "metrics.json").write_text("{}\n")
+    from lora_nb.evaluate import EvalReport, write_report
+
+    with pytest.raises(RunFolderError, match=r"already holds metrics\.json, which this kit did not write"):
+        write_report(EvalReport({"before": {}, "after": {}}), write_report_into)
+    write_report(EvalReport({"before": {}, "after": {}}), result.run_dir)  # the kit's own run: allowed
+    assert {"metrics.json", "generations.md"} <= RunFolder(result.run_dir).written()
+
+
+def test_a_run_folder_in_use_is_locked(tiny_model_dir, tokenizer, examples, tmp_path):
+    run = tmp_path / "run"
+    with RunFolder(run).lock():
+        with pytest.raises(RunFolderError, match=r"run is in use by another training run \(process \d+ since .*\)\. .*wait until"):
+            train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), run)
+        assert sorted(p.name for p in run.iterdir()) == [".lora-nb.lock"]
+    assert list(run.iterdir()) == []  # the lock goes with the run
+    assert train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), run).global_step == 2
+
+
+def test_merge_never_writes_over_the_base_model_or_foreign_files(checkpointed_original, tiny_model_dir, tmp_path):
+    from lora_nb.evaluate import merge_adapter
+
+    _, run = checkpointed_original
+    before = _files(Path(tiny_model_dir))
+    with pytest.raises(RunFolderError, match=r"it is the base model's folder .*would overwrite its files"):
+        merge_adapter(run, tiny_model_dir)
+    with pytest.raises(RunFolderError, match=r"it is the adapter's folder"):
+        merge_adapter(run, run / "adapter")
+    assert _files(Path(tiny_model_dir)) == before
+    blocker = tmp_path / "model.safetensors"
+    blocker.write_text("a file")
+    with pytest.raises(RunFolderError, match=r"it is a file, not a folder"):
+        merge_adapter(run, blocker)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(RunFolderError, match=r"already holds \['config\.json'\], which this kit did not write"):
+        merge_adapter(run, mine)
+    assert (mine / "config.json").read_text() == "{}" and blocker.read_text() == "a file"
+    out = merge_adapter(run, tmp_path / "merged")
+    assert merge_adapter(run, out) == out and (out / "lora-nb-merged.json").exists()  # the kit's own: replaced
+    assert leftovers(tmp_path) == []
+
+
+# -------------------------------------------------------------------------------- resume (item 6)
+def test_resume_refuses_other_weights_and_another_adapter_shape(checkpointed_run, tiny_model_dir, tokenizer, examples, tmp_path):
+    from lora_nb.train import check_resumable
+
+    settings, run = checkpointed_run
+    other_dir = tmp_path / "other" / Path(tiny_model_dir).name  # same folder name, same architecture
+    other = fresh_model(tiny_model_dir)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.5)
+    other.save_pretrained(other_dir)
+    with pytest.raises(RunFolderError, match=r"is a run of another model .*same architecture and size, but other weights"):
+        train(AutoModelForCausalLM.from_pretrained(other_dir), tokenizer, examples, settings, run, resume=True)
+    wider = small_settings(tiny_model_dir, lora=LoraSettings(r=8, lora_alpha=16), save_steps=1)
+    for attempt in (lambda: check_resumable(run, wider),  # the command line's check, before the model loads
+                    lambda: train(fresh_model(tiny_model_dir), tokenizer, examples, wider, run, resume=True)):
+        with pytest.raises(RunFolderError, match=r"checkpoint-2 holds an adapter of another shape .*\(r 4 -> 8\)"):
+            attempt()
+    assert RunFolder(run).read_run()["status"] == "finished"
+
+
+# ---------------------------------------------------------------- models the kit cannot train (item 7)
+def test_an_encoder_loaded_as_a_causal_lm_is_refused(tokenizer, examples, tmp_path):
+    from transformers import BertConfig
+
+    from lora_nb.errors import ModelLoadError
+
+    bert = AutoModelForCausalLM.from_config(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(ModelLoadError, match=r"\(bert\) is not a causal \(decoder-only\) language model.*Use a decoder-only model"):
+        train(bert, tokenizer, examples, small_settings("bert"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_seq_length_beyond_learned_positions_is_refused(tokenizer, examples, tmp_path):
+    from transformers import GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(SettingsError, match=r"max_seq_length is 96, but .*\(gpt2\) has position embeddings for 64 tokens "
+                                            r"only .*IndexError.*set train\.max_seq_length to 64 or less"):
+        train(gpt2, tokenizer, examples, small_settings("gpt2"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
