@@ -472,3 +472,105 @@ def test_max_seq_length_beyond_learned_positions_is_refused(tokenizer, examples,
                                             r"only .*IndexError.*set train\.max_seq_length to 64 or less"):
         train(gpt2, tokenizer, examples, small_settings("gpt2"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------- damaged or foreign run files (item 10)
+def test_run_and_log_files_of_the_wrong_json_type(checkpointed_run, tiny_model_dir, tokenizer, examples):
+    from lora_nb.plots import loss_points
+    from lora_nb.runs import load_run
+
+    settings, run = checkpointed_run
+    log = run / "log.jsonl"
+    good = log.read_text().splitlines()
+    log.write_text("\n".join([good[0], "[1, 2]", '"a string"', "7", '{"step": "two", "loss": 1.0}', *good[1:]]) + "\n")
+    with pytest.warns(UserWarning, match=r"log\.jsonl: line\(s\) \[2, 3, 4, 5\] are not log records of the kit"):
+        assert [r["step"] for r in RunFolder(run).read_log()] == [json.loads(line)["step"] for line in good]
+    with pytest.warns(UserWarning, match=r"line\(s\) \[2, 3, 4, 5\]"):
+        assert [s for s, _ in loss_points(run)[0]] == [1, 2]
+    (run / "run.json").write_text("[1, 2, 3]\n")
+    assert load_run(run).run == {}
+    with pytest.raises(RunFolderError, match=r"run\.json is corrupt: it holds a JSON list, where the kit writes an object"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run, resume=True)
+
+
+def test_files_cut_short_are_named_or_skipped(checkpointed_run, tiny_model_dir, tokenizer, examples, tmp_path):
+    from lora_nb.errors import ModelLoadError
+    from lora_nb.evaluate import load_adapter
+    from lora_nb.loading import load_model
+
+    settings, run = checkpointed_run
+    optimizer = run / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-300])  # a copy or a full disk cut it short
+    with pytest.warns(UserWarning, match=r"Skipping incomplete checkpoint-2 \(optimizer\.pt is cut short: its zip directory is missing"):
+        result = train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run, resume=True)
+    assert RunFolder(run).read_run()["resumed_from"] == "checkpoint-1" and result.global_step == 2
+    weights = result.adapter_dir / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    with pytest.raises(ModelLoadError, match=rf"adapter_model\.safetensors is cut short: {size // 2:,} of {size:,} bytes"):
+        load_adapter(fresh_model(tiny_model_dir), run)
+    model_copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    (model_copy / "model.safetensors").write_bytes((model_copy / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors is cut short: 5,000 of [\d,]+ bytes.*Copy or download"):
+        load_model(str(model_copy), "none")
+
+
+def test_an_adapter_on_another_architecture(checkpointed_original, tokenizer):
+    from transformers import GPT2Config
+
+    from lora_nb.errors import ModelLoadError
+    from lora_nb.evaluate import load_adapter
+
+    _, run = checkpointed_original
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4))
+    with pytest.raises(ModelLoadError, match=r"adapter in .*adapter \(trained on '.*model'\) does not fit .*\(gpt2\): .*Load the base model it was trained on"):
+        load_adapter(gpt2, run)
+
+
+def test_a_chat_template_that_refuses_a_system_turn(tiny_model_dir, examples, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                               "{% endif %}" + tokenizer.chat_template)
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in
+                              (chat, chat, [{"role": "system", "content": "Be brief."}, *chat])) + "\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:3: the chat template of .* refuses this example \(System role not "
+                                        r"supported\)\. This model's chat template has no system turn"):
+        train(fresh_model(tiny_model_dir), tokenizer, data, small_settings(tiny_model_dir), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_layers_pattern_that_peft_refuses_is_said_in_the_kits_words(tiny_model_dir, tokenizer, examples, tmp_path):
+    lora = LoraSettings(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers|h")
+    model = fresh_model(tiny_model_dir)
+    with pytest.raises(SettingsError, match=r"peft could not put the LoRA adapter on .*\(llama\): Target modules \{'q_proj'\} "
+                                            r"not found .*layers_pattern is one plain name"):
+        train(model, tokenizer, examples, small_settings(tiny_model_dir, lora=lora), tmp_path / "run")
+    assert not [n for n, _ in model.named_modules() if "lora_" in n] and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------- the disk fills while Trainer saves a checkpoint
+def test_full_disk_during_a_checkpoint_names_the_last_good_one(tiny_model_dir, tokenizer, examples, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    real = Trainer._save_optimizer_and_scheduler
+
+    def save(self, output_dir):
+        if self.state.global_step == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(output_dir, "optimizer.pt"))
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save)
+    settings = small_settings(tiny_model_dir, max_steps=3, save_steps=1)
+    run = tmp_path / "run"
+    with pytest.raises(RunFolderError) as err:
+        train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run)
+    assert str(err.value) == (
+        f"Training stopped: writing into {run} failed ({run / 'checkpoint-2' / 'optimizer.pt'}): No space left on device. "
+        f"The last good checkpoint is {run / 'checkpoint-1'} (step 1): free some space, then call train(..., resume=True) "
+        "with the same run_dir (command line: --resume) to continue from it.")
+    assert RunFolder(run).read_run()["status"] == "failed" and not (run / ".lora-nb.lock").exists()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match=r"Skipping incomplete checkpoint-2 .*resuming from checkpoint-1"):
+        assert train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run, resume=True).global_step == 3
