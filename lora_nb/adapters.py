@@ -188,9 +188,11 @@ def check_pristine_base(model) -> None:
     """
     init = adapter_init(model)
     if rewrites_base_weights(init) and not getattr(model, "_lora_nb_base_restored", False):
+        fix = ("peft cannot convert LoftQ back, so load the base model separately and compare the two "
+               "(evaluate.compare_generations(base, tuned, ...))." if str(init).lower() in _UNCONVERTIBLE_INITS else
+               "Train with lora_nb.train.train (it puts the base back), or load the base model fresh and put the "
+               "saved adapter on it with evaluate.load_adapter.")
         raise ModelLoadError(
             f"This model's adapter was made with init_lora_weights {init!r}, which rewrote the base weights: with "
-            "the adapter off it is not the base model, so 'before' numbers would be wrong. Train with "
-            "lora_nb.train.train (it puts the base back), or load the base model fresh and put the saved adapter "
-            "on it with evaluate.load_adapter."
+            f"the adapter off it is not the base model, so 'before' numbers would be wrong. {fix}"
         )

@@ -375,9 +375,11 @@ def train(
     """Train a LoRA adapter with `transformers.Trainer` and keep the run in `run_dir`.
 
     Args:
-        model: the base model (wrapped with `settings.lora.to_peft(model)` here) or an already
-            wrapped `PeftModel`. A quantized base should come from `loading.load_model`, which runs
-            `prepare_model_for_kbit_training`.
+        model: the base model (wrapped with `settings.lora.to_peft(model)` here). A model that
+            already carries an adapter (a `PeftModel`, or the same model passed to an earlier
+            `train()`, as a re-run notebook cell does) has it taken off first, with a warning: every
+            run trains the adapter its settings describe, from the base model. A quantized base
+            should come from `loading.load_model`, which runs `prepare_model_for_kbit_training`.
         tokenizer: the model's tokenizer (needs a pad or EOS token).
         train_data: examples as `data.tokenize_examples` returns them, or anything
             `data.load_examples` accepts (tokenized here with the settings' `max_seq_length` and
@@ -392,14 +394,21 @@ def train(
     Returns:
         A `TrainResult` (losses, the trained model, where the adapter is). After Ctrl+C (or the
         notebook's stop button) the steps done so far are saved as a checkpoint and an adapter, and
-        the result has `interrupted=True`.
+        the result has `interrupted=True`. With an init that rewrites the base weights (PiSSA,
+        OLoRA...) the saved adapter and `result.model` are converted to a plain LoRA on the
+        original base (see `adapters.py`).
 
     Raises:
-        RunFolderError: `resume` with no resumable checkpoint, a corrupt one, or a run folder of
-            another model; without `resume`, a folder that already holds a run; or the run folder
-            cannot be written (disk full, read-only).
-        SettingsError: the settings are invalid, or name layers the model does not have.
-        DataError: the data cannot be read or tokenized.
+        RunFolderError: `resume` with no resumable checkpoint, a corrupt one, a run folder of
+            another model (weights digest) or of another adapter shape; without `resume`, a folder
+            that already holds a run or files of the run's names the kit did not write; a folder
+            another run is using (locked); or the run folder cannot be written (disk full,
+            read-only; also while Trainer writes a checkpoint: the message names the last good one).
+        SettingsError: the settings are invalid, name layers the model does not have, peft refuses
+            them for this model, or `max_seq_length` exceeds the model's learned positions.
+        ModelLoadError: the model is not a causal LM (an encoder such as BERT).
+        DataError: the data cannot be read or tokenized (a chat template refusing an example
+            included: the file and line are named).
     """
     import torch
     import transformers

@@ -574,3 +574,33 @@ def test_full_disk_during_a_checkpoint_names_the_last_good_one(tiny_model_dir, t
     monkeypatch.undo()
     with pytest.warns(UserWarning, match=r"Skipping incomplete checkpoint-2 .*resuming from checkpoint-1"):
         assert train(fresh_model(tiny_model_dir), tokenizer, examples, settings, run, resume=True).global_step == 3
+
+
+@pytest.mark.slow
+def test_notebook_training_cell_run_twice_gives_two_valid_runs(tmp_path, monkeypatch):
+    """Notebook 03 top to bottom, then its training cell once more in the same kernel, as users re-run cells."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", str(root))  # the kernel imports this checkout's lora_nb
+    (tmp_path / "notebooks").mkdir()
+    notebook = nbformat.read(root / "notebooks" / "03_train.ipynb", as_version=4)
+    cell = next(i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and "result = train(" in c.source)
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path / "notebooks")}})
+    with client.setup_kernel():
+        for i, code in enumerate(notebook.cells):
+            client.execute_cell(code, i)
+        client.execute_cell(notebook.cells[cell], cell)  # raises CellExecutionError on any error
+    outputs = nbformat.writes(notebook)
+    assert "already carried a LoRA adapter" in outputs and "Error" not in outputs
+    runs = sorted((tmp_path / "runs").glob("train-*"))
+    assert len(runs) == 2
+    logs = []
+    for run in runs:
+        folder = RunFolder(run)
+        assert folder.read_run()["status"] == "finished" and folder.read_run()["global_step"] == 12
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 16
+        logs.append([(r["step"], r["loss"]) for r in folder.read_log() if "loss" in r])
+    assert len(logs[0]) == 12 and logs[0] == logs[1]  # the second run started from the same base model
