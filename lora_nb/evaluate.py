@@ -341,8 +341,11 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
     Returns:
         An `EvalReport`.
     """
+    from jinja2 import TemplateError
+
     from .data import load_examples
     from .demo_task import score_predictions
+    from .model_checks import template_refusal
 
     score = score or score_predictions
     started = time.perf_counter()
@@ -352,8 +355,11 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
     prompts, references = prompts_and_references(examples)
     metrics: dict[str, Any] = {}
     for side, adapter in (("before", False), ("after", True)):
-        loss = heldout_loss(model, tokenizer, examples, max_length=max_length, adapter=adapter)
-        answers = generate(model, tokenizer, prompts, max_new_tokens, adapter=adapter)
+        try:
+            loss = heldout_loss(model, tokenizer, examples, max_length=max_length, adapter=adapter)
+            answers = generate(model, tokenizer, prompts, max_new_tokens, adapter=adapter)
+        except TemplateError as err:  # e.g. a template without a system turn: name the file and line
+            raise template_refusal(err, examples["messages"], tokenizer, heldout) from None
         metrics[side] = {"heldout_loss": loss.loss, "perplexity": loss.perplexity, **score(answers, references)}
         metrics[f"_{side}_answers"] = answers
     before, after = metrics.pop("_before_answers"), metrics.pop("_after_answers")

@@ -539,6 +539,10 @@ def test_a_chat_template_that_refuses_a_system_turn(tiny_model_dir, examples, tm
                                         r"supported\)\. This model's chat template has no system turn"):
         train(fresh_model(tiny_model_dir), tokenizer, data, small_settings(tiny_model_dir), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    from lora_nb.evaluate import evaluate_run
+
+    with pytest.raises(DataError, match=r"train\.jsonl:3: the chat template .* refuses this example"):
+        evaluate_run(fresh_model(tiny_model_dir), tokenizer, data)  # the held-out side says it the same way
 
 
 def test_layers_pattern_that_peft_refuses_is_said_in_the_kits_words(tiny_model_dir, tokenizer, examples, tmp_path):
