@@ -508,7 +508,8 @@ def _base_for_run(model):
     warnings.warn(
         "The model passed to train() already carried a LoRA adapter (an earlier train() on the same model, or a "
         "loaded adapter); it was taken off, and this run trains a new adapter from the settings on the base model. "
-        "To continue an earlier run instead, pass its run_dir with resume=True.",
+        "To continue an earlier run instead, pass its run_dir with resume=True. An earlier TrainResult.model shares "
+        "these weights: to use an earlier run later, load it with evaluate.load_adapter(base, run_dir).",
         UserWarning,
         stacklevel=3,
     )
