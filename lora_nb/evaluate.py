@@ -142,7 +142,7 @@ class HeldoutLoss(NamedTuple):
 
 
 def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: int = 512,
-                 adapter: bool = True) -> HeldoutLoss:
+                 adapter: bool = True, progress: Callable[[int], Any] | None = None) -> HeldoutLoss:
     """Loss of the model on held-out examples, counting answer tokens only (the prompt is masked).
 
     The mean is over tokens, not over batches, so padding and batch size do not change it.
@@ -154,6 +154,7 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
         batch_size: Examples per forward pass.
         max_length: Longest example in tokens (longer ones are cut).
         adapter: False evaluates a `PeftModel` with its adapter switched off (the base model).
+        progress: Called with the number of examples after each batch (e.g. a progress bar's `update`).
 
     Returns:
         `HeldoutLoss(loss, perplexity)`; unpacks as `loss, perplexity = heldout_loss(...)`.
@@ -177,6 +178,8 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
             total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                      ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
+            if progress is not None:
+                progress(len(rows))
     loss = total / max(count, 1)
     return HeldoutLoss(loss, math.exp(min(loss, 50.0)))
 
@@ -187,7 +190,7 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
 
 
 def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 40, batch_size: int = 8,
-             adapter: bool = True) -> list[str]:
+             adapter: bool = True, progress: Callable[[int], Any] | None = None) -> list[str]:
     """Greedy answers to chat prompts, batched with left padding.
 
     Args:
@@ -198,6 +201,7 @@ def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_token
         max_new_tokens: Longest answer in tokens.
         batch_size: Prompts per `generate` call.
         adapter: False answers with a `PeftModel`'s adapter switched off (the base model).
+        progress: Called with the number of prompts after each batch (e.g. a progress bar's `update`).
 
     Returns:
         The answers (new text only, special tokens removed, stripped), one per prompt.
@@ -222,6 +226,8 @@ def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_token
                                      temperature=None, top_p=None, top_k=None)
                 new = out[:, batch["input_ids"].shape[1]:]
                 answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                if progress is not None:
+                    progress(len(new))
     finally:
         tokenizer.padding_side = side
     return answers
@@ -342,6 +348,7 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
         An `EvalReport`.
     """
     from jinja2 import TemplateError
+    from tqdm.auto import tqdm
 
     from .data import load_examples
     from .demo_task import score_predictions
@@ -354,14 +361,18 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
         examples = examples.select(range(min(limit, len(examples))))
     prompts, references = prompts_and_references(examples)
     metrics: dict[str, Any] = {}
+    # Generation takes most of the time (tens of seconds on CPU): a bar over loss and answers, both sides.
+    bar = tqdm(total=4 * len(prompts), desc="evaluating before/after", unit="example")
     for side, adapter in (("before", False), ("after", True)):
         try:
-            loss = heldout_loss(model, tokenizer, examples, max_length=max_length, adapter=adapter)
-            answers = generate(model, tokenizer, prompts, max_new_tokens, adapter=adapter)
+            loss = heldout_loss(model, tokenizer, examples, max_length=max_length, adapter=adapter, progress=bar.update)
+            answers = generate(model, tokenizer, prompts, max_new_tokens, adapter=adapter, progress=bar.update)
         except TemplateError as err:  # e.g. a template without a system turn: name the file and line
+            bar.close()
             raise template_refusal(err, examples["messages"], tokenizer, heldout) from None
         metrics[side] = {"heldout_loss": loss.loss, "perplexity": loss.perplexity, **score(answers, references)}
         metrics[f"_{side}_answers"] = answers
+    bar.close()
     before, after = metrics.pop("_before_answers"), metrics.pop("_after_answers")
     table = Table({"prompt": _cell(p), "reference": r, "before": b, "after": a}
                   for p, r, b, a in zip(prompts, references, before, after))

@@ -361,6 +361,34 @@ def _log_callback(folder: RunFolder):
     return LogFileCallback()
 
 
+def _readable_progress(trainer) -> None:
+    """Print each logged step with its numbers as numbers, 4 significant digits.
+
+    transformers 5's console callbacks print `{'loss': '6.295', 'learning_rate': '0.0002'}`: numbers
+    turned into strings. The notebook's progress table is left as it is.
+    """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ReadableProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.write(str(_rounded(logs)))
+
+    class ReadablePrinter(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero:
+                print(_rounded(logs))
+
+    for old, new in ((ProgressCallback, ReadableProgress), (PrinterCallback, ReadablePrinter)):
+        if any(type(cb) is old for cb in trainer.callback_handler.callbacks):
+            trainer.remove_callback(old)
+            trainer.add_callback(new)
+
+
+def _rounded(logs: dict | None) -> dict:
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in (logs or {}).items() if k != "total_flos"}
+
+
 # --------------------------------------------------------------------------------------- train
 def train(
     model,
@@ -452,6 +480,7 @@ def train(
             processing_class=tokenizer,
             callbacks=[_log_callback(folder), *callbacks],
         )
+        _readable_progress(trainer)
         started = time.perf_counter()
         interrupted = False
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import warnings
 
@@ -207,3 +208,14 @@ def test_demo_recipe_margins(demo_run):
     assert before["exact_match"] <= 0.1
     assert after["exact_match"] >= 0.6 and after["exact_match"] >= before["exact_match"] + 0.4
     assert after["valid_json"] >= 0.9
+
+
+def test_logged_steps_print_numbers_as_numbers(tiny, tmp_path, capsys):
+    model_dir, tokenizer, train_set, _ = tiny
+    train(fresh_model(model_dir), tokenizer, train_set, tiny_settings(model_dir, max_steps=2), tmp_path / "run")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{'loss'")]
+    assert len(lines) == 2
+    for line in lines:
+        record = ast.literal_eval(line)
+        assert all(isinstance(record[k], float) for k in ("loss", "grad_norm", "learning_rate", "epoch"))
+        assert all(len(f"{record[k]:.10g}".replace(".", "").lstrip("0")) <= 4 for k in ("loss", "grad_norm"))
