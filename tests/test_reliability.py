@@ -406,6 +406,47 @@ def test_a_run_folder_in_use_is_locked(tiny_model_dir, tokenizer, examples, tmp_
     assert train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), run).global_step == 2
 
 
+def test_a_run_folder_locked_by_another_process_and_released_when_it_dies(tiny_model_dir, tokenizer, examples, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lora_nb.train import RunFolder\n"
+         f"with RunFolder({str(run)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=rf"in use by another training run \(process {holder.pid} since"):
+            train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), run)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    assert train(fresh_model(tiny_model_dir), tokenizer, examples, small_settings(tiny_model_dir), run).global_step == 2
+
+
+def test_cli_out_with_the_users_files_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.jsonl").write_text("my log\n")
+    assert main(["run", "--model", tiny_model_dir, "--out", str(out), "--max-steps", "1"]) == 1
+    assert "which this kit did not write there" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["log.jsonl"] and (out / "log.jsonl").read_text() == "my log\n"
+
+
+def test_weight_rewriting_init_refused_on_a_quantized_base_or_with_dora(tiny_model_dir, tokenizer, examples, tmp_path):
+    from lora_nb.loading import load_model
+
+    quantized = load_model(tiny_model_dir, "4bit", strict=True).model
+    pissa = small_settings(tiny_model_dir, lora=LoraSettings(r=4, lora_alpha=8, init_lora_weights="pissa"))
+    with pytest.raises(SettingsError, match=r"'pissa' rewrites the base weights, which cannot be done faithfully on a quantized"):
+        train(quantized, tokenizer, examples, pissa, tmp_path / "run")
+    dora = small_settings(tiny_model_dir, lora=LoraSettings(r=4, lora_alpha=8, init_lora_weights="olora", use_dora=True))
+    with pytest.raises(SettingsError, match=r"'olora' with use_dora cannot be saved as an adapter of the original base"):
+        train(fresh_model(tiny_model_dir), tokenizer, examples, dora, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_merge_never_writes_over_the_base_model_or_foreign_files(checkpointed_original, tiny_model_dir, tmp_path):
     from lora_nb.evaluate import merge_adapter
 
