@@ -442,10 +442,12 @@ def train(
     import transformers
     from .batching import LengthGroupedTrainer
     from .data import PadCollator
+    from .loading import disable_cpu_weight_repacking
 
     folder = RunFolder(run_dir)
     settings.train.check()
     model = _base_for_run(model)
+    disable_cpu_weight_repacking(model)  # before any forward: the AVX512-BF16 trap (loading.py), for models loaded elsewhere
     check_causal(model)
     t = settings.train
     train_set = _tokenized(train_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
