@@ -356,6 +356,28 @@ def test_weight_rewriting_init_keeps_the_base_and_saves_a_plain_lora(init, tiny_
         assert (merged(input_ids=ids).logits - probe.logits).abs().max() < 1e-4
 
 
+class StopAfter(TrainerCallback):
+    """Save a checkpoint after step `n` and end training, as an interruption would."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.n:
+            control.should_save = control.should_training_stop = True
+
+
+def test_a_pissa_run_resumes_to_the_uninterrupted_losses(tiny_model_dir, tokenizer, examples, tmp_path):
+    settings = small_settings(tiny_model_dir, lora=LoraSettings(r=4, lora_alpha=8, init_lora_weights="pissa"), max_steps=3)
+    whole = train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / "whole")
+    train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / "parts", callbacks=[StopAfter(1)])
+    resumed = train(fresh_model(tiny_model_dir), tokenizer, examples, settings, tmp_path / "parts", resume=True)
+    assert [loss for _, loss in resumed.train_losses][-2:] == pytest.approx([loss for _, loss in whole.train_losses][1:], abs=1e-6)
+    ids = torch.tensor([[5, 17, 33, 60, 2, 9]])
+    with torch.no_grad():
+        assert (resumed.model(input_ids=ids).logits - whole.model(input_ids=ids).logits).abs().max() < 1e-4
+
+
 def test_before_numbers_refused_on_a_rewritten_base_the_kit_did_not_restore(tiny_model_dir, tokenizer, examples):
     from peft import LoraConfig, get_peft_model
 
