@@ -652,7 +652,7 @@ def _resume_or_fresh(folder: RunFolder, model, adapter: dict, resume: bool) -> P
 
 
 def _check_fresh(folder: RunFolder) -> None:
-    if folder.has_run() and folder.run_file.exists():
+    if folder.run_file.exists():
         raise RunFolderError(
             f"{folder.path} already holds a training run. Pass resume=True to continue it, choose another "
             "run_dir for a new run, or delete the folder to start over."
