@@ -329,7 +329,8 @@ def weights_digest(model) -> str:
     import torch
 
     weight = model.get_input_embeddings().weight.detach().reshape(-1)
-    picks = torch.linspace(0, weight.numel() - 1, steps=min(4096, weight.numel())).long().to(weight.device)
+    count = min(4096, weight.numel())  # integer spacing: float32 positions go wrong past 2**24 values
+    picks = (torch.arange(count, dtype=torch.int64) * (weight.numel() - 1) // max(count - 1, 1)).to(weight.device)
     values = weight[picks].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
     return hashlib.sha256(values).hexdigest()[:16]
 
