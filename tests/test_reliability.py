@@ -514,6 +514,18 @@ def test_resume_refuses_other_weights_and_another_adapter_shape(checkpointed_run
     assert RunFolder(run).read_run()["status"] == "finished"
 
 
+def test_weights_digest_is_the_same_in_every_precision_and_spans_big_tables(tiny_model_dir):
+    from lora_nb.loading import load_model
+    from lora_nb.train import weights_digest
+
+    digest = weights_digest(fresh_model(tiny_model_dir))
+    assert weights_digest(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)) == digest
+    assert weights_digest(load_model(tiny_model_dir, "4bit", strict=True).model) == digest
+    big = torch.nn.Embedding(49152, 576)  # the demo model's table: 28.3M values, past float32's exact integers
+    holder = type("Holder", (), {"get_input_embeddings": lambda self: big})()
+    assert len(weights_digest(holder)) == 16
+
+
 # ---------------------------------------------------------------- models the kit cannot train (item 7)
 def test_an_encoder_loaded_as_a_causal_lm_is_refused(tokenizer, examples, tmp_path):
     from transformers import BertConfig
