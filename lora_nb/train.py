@@ -10,6 +10,12 @@ needs there and a run can be continued after a restart:
       checkpoint-N/      resumable checkpoints: adapter, optimizer, scheduler, RNG, trainer state
       trainer_state.json the Trainer's final state (log history included)
       adapter/           the trained adapter (`PeftModel.from_pretrained(base, run_dir / "adapter")`)
+      initial_adapter/   only for inits that rewrite the base weights (PiSSA, OLoRA...): the adapter
+                         as made, which converts the trained one back to a plain LoRA (adapters.py)
+      .lora-nb.lock      while a run uses the folder: a second run into it is refused
+
+run.json also records which files the kit wrote (`written`): a new run never starts where files of
+these names exist without that record, so nothing the user put there is overwritten.
 
 The loop itself is `Trainer`'s; this module sets it up (seed, adapter, data, collator), keeps the
 run folder consistent, and turns Ctrl+C / the notebook's stop button into a saved checkpoint.
