@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
+from .adapters import check_pristine_base
 from .errors import ModelLoadError, RunFolderError
+from .files import damaged_weights
 
 if TYPE_CHECKING:
     import torch
@@ -115,8 +117,16 @@ def _device(model) -> torch.device:
 
 
 def _adapter_off(model, off: bool):
-    """`model.disable_adapter()` when asked and the model has an adapter, else a no-op context."""
-    return model.disable_adapter() if off and hasattr(model, "disable_adapter") else nullcontext()
+    """`model.disable_adapter()` when asked and the model has an adapter, else a no-op context.
+
+    Raises:
+        ModelLoadError: the adapter's init rewrote the base weights and they were not put back, so
+            the model with its adapter off is not the base model.
+    """
+    if not (off and hasattr(model, "disable_adapter")):
+        return nullcontext()
+    check_pristine_base(model)
+    return model.disable_adapter()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +142,7 @@ class HeldoutLoss(NamedTuple):
 
 
 def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: int = 512,
-                 adapter: bool = True) -> HeldoutLoss:
+                 adapter: bool = True, progress: Callable[[int], Any] | None = None) -> HeldoutLoss:
     """Loss of the model on held-out examples, counting answer tokens only (the prompt is masked).
 
     The mean is over tokens, not over batches, so padding and batch size do not change it.
@@ -144,6 +154,7 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
         batch_size: Examples per forward pass.
         max_length: Longest example in tokens (longer ones are cut).
         adapter: False evaluates a `PeftModel` with its adapter switched off (the base model).
+        progress: Called with the number of examples after each batch (e.g. a progress bar's `update`).
 
     Returns:
         `HeldoutLoss(loss, perplexity)`; unpacks as `loss, perplexity = heldout_loss(...)`.
@@ -167,6 +178,8 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
             total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                      ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
+            if progress is not None:
+                progress(len(rows))
     loss = total / max(count, 1)
     return HeldoutLoss(loss, math.exp(min(loss, 50.0)))
 
@@ -177,7 +190,7 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
 
 
 def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 40, batch_size: int = 8,
-             adapter: bool = True) -> list[str]:
+             adapter: bool = True, progress: Callable[[int], Any] | None = None) -> list[str]:
     """Greedy answers to chat prompts, batched with left padding.
 
     Args:
@@ -188,6 +201,7 @@ def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_token
         max_new_tokens: Longest answer in tokens.
         batch_size: Prompts per `generate` call.
         adapter: False answers with a `PeftModel`'s adapter switched off (the base model).
+        progress: Called with the number of prompts after each batch (e.g. a progress bar's `update`).
 
     Returns:
         The answers (new text only, special tokens removed, stripped), one per prompt.
@@ -214,6 +228,8 @@ def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_token
                                      temperature=None, top_p=None, top_k=None)
                 new = out[:, batch["input_ids"].shape[1]:]
                 answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                if progress is not None:
+                    progress(len(new))
     finally:
         tokenizer.padding_side = side
     return answers
@@ -336,9 +352,13 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
     Returns:
         An `EvalReport`.
     """
+    from jinja2 import TemplateError
+    from tqdm.auto import tqdm
+
     from .arguments import check_generation
     from .data import load_examples
     from .demo_task import score_predictions
+    from .model_checks import template_refusal
 
     check_generation(max_new_tokens, limit)  # before the slow loss and generation passes
     score = score or score_predictions
@@ -348,11 +368,18 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
         examples = examples.select(range(min(limit, len(examples))))
     prompts, references = prompts_and_references(examples)
     metrics: dict[str, Any] = {}
+    # Generation takes most of the time (tens of seconds on CPU): a bar over loss and answers, both sides.
+    bar = tqdm(total=4 * len(prompts), desc="evaluating before/after", unit="example")
     for side, adapter in (("before", False), ("after", True)):
-        loss = heldout_loss(model, tokenizer, examples, max_length=max_length, adapter=adapter)
-        answers = generate(model, tokenizer, prompts, max_new_tokens, adapter=adapter)
+        try:
+            loss = heldout_loss(model, tokenizer, examples, max_length=max_length, adapter=adapter, progress=bar.update)
+            answers = generate(model, tokenizer, prompts, max_new_tokens, adapter=adapter, progress=bar.update)
+        except TemplateError as err:  # e.g. a template without a system turn: name the file and line
+            bar.close()
+            raise template_refusal(err, examples["messages"], tokenizer, heldout) from None
         metrics[side] = {"heldout_loss": loss.loss, "perplexity": loss.perplexity, **score(answers, references)}
         metrics[f"_{side}_answers"] = answers
+    bar.close()
     before, after = metrics.pop("_before_answers"), metrics.pop("_after_answers")
     table = Table({"prompt": _cell(p), "reference": r, "before": b, "after": a}
                   for p, r, b, a in zip(prompts, references, before, after))
@@ -368,10 +395,31 @@ def write_report(report: EvalReport, run_dir: str | Path) -> None:
     """Write `metrics.json` and `generations.md` into the run folder."""
     from .files import write_text_atomic
 
-    run_dir = Path(run_dir)
-    write_text_atomic(run_dir / METRICS_FILE, json.dumps(report.metrics, indent=2) + "\n")
+    folder = _writable_run_folder(run_dir, METRICS_FILE, GENERATIONS_FILE)
+    write_text_atomic(folder.path / METRICS_FILE, json.dumps(report.metrics, indent=2) + "\n")
     text = "# Generations before and after training\n\n" + report.generations.to_markdown()
-    write_text_atomic(run_dir / GENERATIONS_FILE, text)
+    write_text_atomic(folder.path / GENERATIONS_FILE, text)
+    if folder.run_file.exists():
+        folder.record_written(METRICS_FILE, GENERATIONS_FILE)
+
+
+def _writable_run_folder(run_dir: str | Path, *names: str):
+    """The run folder, after checking that none of `names` there is a file the kit did not write.
+
+    Raises:
+        RunFolderError: one of them exists and the folder's run.json does not record writing it.
+    """
+    from .train import RunFolder
+
+    folder = RunFolder(run_dir)
+    ours = folder.written()
+    foreign = [n for n in names if (folder.path / n).exists() and n not in ours]
+    if foreign:
+        raise RunFolderError(
+            f"{folder.path} already holds {', '.join(foreign)}, which this kit did not write there (no run.json of "
+            "the kit records it). Nothing was overwritten: pass a run folder of the kit, or move those files away."
+        )
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,19 +476,69 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
     from peft import PeftModel
 
     folder = find_adapter(adapter_dir)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return PeftModel.from_pretrained(base_model, str(folder), is_trainable=trainable)
+    for file in sorted(folder.iterdir()):
+        problem = damaged_weights(file)
+        if problem:
+            raise ModelLoadError(
+                f"The adapter file {file} {problem}, so the adapter cannot be loaded. Copy it again from where it "
+                "was saved, or train the run again."
+            )
+    _warn_other_weights(base_model, folder)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(base_model, str(folder), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as err:  # peft's and torch's own refusals
+        from .model_checks import model_name
+
+        trained_on = _adapter_base(folder)
+        raise ModelLoadError(
+            f"The adapter in {folder} (trained on {trained_on!r}) does not fit {model_name(base_model)}: "
+            f"{str(err).splitlines()[0][:300]} Load the base model it was trained on "
+            "(evaluate.base_model_of(run_dir) names it) and put the adapter on that."
+        ) from None
+
+
+def _adapter_base(folder: Path) -> str:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "an unknown model"
+    return str(config.get("base_model_name_or_path") or "an unknown model") if isinstance(config, dict) else "an unknown model"
+
+
+def _warn_other_weights(base_model, adapter_folder: Path) -> None:
+    """Warn when the run that saved the adapter recorded other base weights than `base_model` has."""
+    import warnings
+
+    from .train import RUN_FILE, RunFolder, weights_digest
+
+    run = adapter_folder.parent
+    if not (run / RUN_FILE).exists():
+        return
+    try:
+        saved = (RunFolder(run).read_run().get("model") or {}).get("weights")
+    except RunFolderError:
+        return
+    if saved and saved != weights_digest(base_model):
+        warnings.warn(
+            f"The adapter in {adapter_folder} was trained on a model with other weights than this one (same names "
+            f"and shapes, different values: {run / RUN_FILE} records another weights digest). Its answers will not "
+            "be the trained ones: load the run's base model (evaluate.base_model_of) to get them.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def base_model_of(run_or_adapter_dir: str | Path) -> str:
     """Which base model an adapter belongs to: the run's `model_name_or_path`, else the adapter config's."""
+    from .train import RunFolder
+
     path = Path(run_or_adapter_dir).expanduser()
-    run_file = path / "run.json"
-    if run_file.exists():
-        name = json.loads(run_file.read_text(encoding="utf-8")).get("model_name_or_path")
+    if (path / "run.json").exists():
+        name = RunFolder(path).read_run().get("model_name_or_path")
         if name:
-            return name
+            return str(name)
     config = json.loads((find_adapter(path) / "adapter_config.json").read_text(encoding="utf-8"))
     name = config.get("base_model_name_or_path")
     if not name:
@@ -462,16 +560,56 @@ def merge_adapter(run_or_adapter_dir: str | Path, out_dir: str | Path, base: str
         dtype: "float32" or "bfloat16" (half the size on disk).
 
     Returns:
-        `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`.
+        `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`; it also holds
+        `lora-nb-merged.json`, the kit's record that it wrote the folder (a later merge may replace it).
+
+    Raises:
+        RunFolderError: `out_dir` is a file, the base model's or the adapter's folder, or a folder
+            with files the kit did not write; nothing is overwritten then.
     """
+    from .demo import resolve_model
+    from .files import write_folder_atomic
     from .loading import load_model
 
     adapter = find_adapter(run_or_adapter_dir)
     base = base or base_model_of(run_or_adapter_dir)
+    out = Path(out_dir).expanduser()
+    _check_merge_target(out, Path(resolve_model(base)).expanduser(), adapter)
     model, tokenizer = load_model(base, "none", dtype=dtype)
     merged = load_adapter(model, adapter).merge_and_unload()
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+    def write(staging: Path) -> None:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {"base": str(base), "adapter": str(adapter), "dtype": dtype, "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    return write_folder_atomic(out, write)
+
+
+MERGE_RECORD = "lora-nb-merged.json"
+
+
+def _check_merge_target(out: Path, base: Path, adapter: Path) -> None:
+    """Refuse a merge target that would overwrite what the kit did not write.
+
+    Raises:
+        RunFolderError: `out` is a file, the base model's folder (or inside or around it), the
+            adapter's folder, or a non-empty folder without the kit's merge record.
+    """
+    resolved = out.resolve()
+    for folder, what in ((base.resolve(), "the base model's folder"), (adapter.resolve(), "the adapter's folder")):
+        if folder.exists() and (resolved == folder or folder in resolved.parents or resolved in folder.parents):
+            raise RunFolderError(
+                f"Cannot merge into {out}: it is {what} ({folder}) or holds it, and merging there would overwrite "
+                "its files. Pass a new folder, e.g. runs/merged-<name>."
+            )
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"Cannot merge into {out}: it is a file, not a folder. Pass a new folder name.")
+    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_RECORD).exists():
+        names = sorted(p.name for p in out.iterdir())
+        raise RunFolderError(
+            f"Cannot merge into {out}: it already holds {names[:5]}{' ...' if len(names) > 5 else ''}, which this kit "
+            f"did not write (a merged model of the kit holds {MERGE_RECORD}). Nothing was overwritten: pass a new or "
+            "empty folder."
+        )

@@ -24,10 +24,12 @@ import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from .demo import DEMO_MODEL_ID, resolve_model
 from .errors import ModelLoadError, QuantizationUnavailable
+from .files import damaged_weights
 from .settings import bf16_supported, cuda_available
 
 if TYPE_CHECKING:
@@ -240,6 +242,7 @@ def load_model(
             note = f"{note[:-1]}, so the model is loaded in full precision instead (more memory, same results)."
             warnings.warn(note, UserWarning, stacklevel=2)
 
+    _check_weight_files(source)
     torch_dtype = _resolve_dtype(dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if load_in != "none":
@@ -269,6 +272,24 @@ def load_model(
         model.enable_input_require_grads()
     tokenizer = load_tokenizer(source, padding_side=padding_side)
     return LoadedModel(model, tokenizer, load_in, requested, source, note)
+
+
+def _check_weight_files(source: str) -> None:
+    """Refuse a local model folder whose weight files are cut short (an interrupted copy or download).
+
+    Raises:
+        ModelLoadError: naming the file and how much of it is there.
+    """
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        problem = damaged_weights(file)
+        if problem:
+            raise ModelLoadError(
+                f"The model file {file} {problem}, so {folder} cannot be loaded. Copy or download the model "
+                "again (an interrupted copy leaves files like this)."
+            )
 
 
 def load_tokenizer(name_or_path: str, padding_side: Literal["right", "left"] = "right") -> PreTrainedTokenizerBase:

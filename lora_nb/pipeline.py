@@ -166,7 +166,7 @@ def run_pipeline(
     from .evaluate import evaluate_run
     from .loading import describe_model, load_model
     from .plots import plot_losses
-    from .train import train
+    from .train import RunFolder, check_resumable, train
 
     from .arguments import check_run_arguments
 
@@ -179,6 +179,8 @@ def run_pipeline(
     log(f"[1/4] settings   : {source}; model {settings.model_name_or_path}, quant {settings.quant.load_in}, "
         f"r {settings.lora.r}, lr {settings.train.learning_rate:g}, max_steps {settings.train.max_steps}")
 
+    if resume:
+        check_resumable(out, settings)  # a wrong model or a changed r, said before the model loads
     t = time.perf_counter()
     loaded = load_model(settings.model_name_or_path, settings.quant,
                         gradient_checkpointing=settings.train.gradient_checkpointing)
@@ -199,6 +201,7 @@ def run_pipeline(
     evaluation = evaluate_run(result.model, loaded.tokenizer, heldout, run_dir=out, limit=limit,
                               max_new_tokens=max_new_tokens, max_length=settings.train.max_seq_length)
     plot_losses(out, title=f"Loss of {out.name}").savefig(out / LOSS_PLOT, dpi=100, bbox_inches="tight")
+    RunFolder(out).record_written(LOSS_PLOT)
     for row in evaluation.summary():
         log(f"      {row['metric']:<13} {row['before']:>10.4g} -> {row['after']:<10.4g}")
     seconds = time.perf_counter() - started

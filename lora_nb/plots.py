@@ -129,13 +129,9 @@ def _history(run_dir: str | Path) -> list[dict]:
     run_dir = Path(run_dir)
     log = run_dir / "log.jsonl"
     if log.exists():
-        records = []
-        for line in log.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash while writing
-        return records
+        from .train import RunFolder
+
+        return RunFolder(run_dir).read_log()  # one reader of log.jsonl: skips damaged and foreign lines
     state = run_dir / "trainer_state.json"
     if state.exists():
         return json.loads(state.read_text(encoding="utf-8")).get("log_history", [])

@@ -129,9 +129,10 @@ def latest_run(root: str | Path = "runs") -> Path | None:
 
 def _json(file: Path) -> dict | None:
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return data if isinstance(data, dict) else None  # a list or a number is not a file the kit wrote
 
 
 def compare_runs(run_dirs: Sequence[str | Path | RunInfo]) -> Table:

@@ -10,6 +10,12 @@ needs there and a run can be continued after a restart:
       checkpoint-N/      resumable checkpoints: adapter, optimizer, scheduler, RNG, trainer state
       trainer_state.json the Trainer's final state (log history included)
       adapter/           the trained adapter (`PeftModel.from_pretrained(base, run_dir / "adapter")`)
+      initial_adapter/   only for inits that rewrite the base weights (PiSSA, OLoRA...): the adapter
+                         as made, which converts the trained one back to a plain LoRA (adapters.py)
+      .lora-nb.lock      while a run uses the folder: a second run into it is refused
+
+run.json also records which files the kit wrote (`written`): a new run never starts where files of
+these names exist without that record, so nothing the user put there is overwritten.
 
 The loop itself is `Trainer`'s; this module sets it up (seed, adapter, data, collator), keeps the
 run folder consistent, and turns Ctrl+C / the notebook's stop button into a saved checkpoint.
@@ -19,26 +25,35 @@ Display (progress, live loss plots) plugs in from outside through `callbacks`.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import RunFolderError
+from .adapters import (INITIAL_ADAPTER_DIR, base_model, check_init_supported, has_adapter, load_converted,
+                       restore_base_weights, save_initial_adapter)
+from .errors import RunFolderError, SettingsError
 from .files import cannot_write as _cannot_write
-from .files import umask as _umask
-from .files import write_text_atomic
+from .files import damaged_weights
+from .model_checks import check_causal, check_positions, model_name, template_refusal
+from .files import write_folder_atomic, write_text_atomic
 
 SETTINGS_FILE = "settings.yaml"
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_PREFIX = "checkpoint-"
+LOCK_FILE = ".lora-nb.lock"
+# Every name a run of the kit writes into its folder (train, the pipeline, the evaluation): a new
+# run never starts in a folder where one of them exists without the kit's own record (run.json).
+RUN_FILES = (SETTINGS_FILE, RUN_FILE, LOG_FILE, ADAPTER_DIR, INITIAL_ADAPTER_DIR, "trainer_state.json",
+             "metrics.json", "generations.md", "loss.png")
 _FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+# Adapter fields that decide the shape of its tensors: a checkpoint with other values cannot be resumed.
+_SHAPE_KEYS = ("r", "use_dora", "bias", "layers_to_transform")
 
 
 @dataclasses.dataclass
@@ -110,7 +125,7 @@ class RunFolder:
             RunFolderError: it is missing or not valid JSON.
         """
         try:
-            return json.loads(self.run_file.read_text(encoding="utf-8"))
+            data = json.loads(self.run_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RunFolderError(
                 f"{self.path} holds no {RUN_FILE}, so it is not a run folder of this kit (or it is damaged). "
@@ -118,6 +133,12 @@ class RunFolder:
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RunFolderError(f"{self.run_file} is corrupt ({err}); start a new run in another folder.") from None
+        if not isinstance(data, dict):
+            raise RunFolderError(
+                f"{self.run_file} is corrupt: it holds a JSON {type(data).__name__}, where the kit writes an object "
+                "({\"status\": ..., \"model\": ...}). Start a new run in another folder."
+            )
+        return data
 
     def write_run(self, **fields: Any) -> None:
         """Update run.json with `fields` (atomically)."""
@@ -126,72 +147,156 @@ class RunFolder:
         write_text_atomic(self.run_file, json.dumps(data, indent=2, default=str) + "\n")
 
     def read_log(self) -> list[dict]:
-        """The records of log.jsonl (a damaged last line, from a crash while writing, is skipped)."""
+        """The records of log.jsonl.
+
+        A damaged last line (a crash while writing) is skipped in silence; any other line that is
+        not a JSON object with an integer `step` is skipped with a warning naming the file and line.
+        """
         if not self.log_file.exists():
             return []
-        records = []
-        for line in self.log_file.read_text(encoding="utf-8").splitlines():
+        lines = self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        records, bad = [], []
+        for number, line in enumerate(lines, start=1):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
+                if number < len(lines):
+                    bad.append(number)
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                records.append(record)
+            else:
+                bad.append(number)
+        if bad:
+            warnings.warn(
+                f"{self.log_file}: line(s) {bad[:5]} are not log records of the kit (a JSON object with an integer "
+                "'step'); they were skipped. The file was edited by hand or damaged: the other lines are used.",
+                stacklevel=2,
+            )
         return records
 
-    def check_checkpoint(self, checkpoint: Path) -> int:
-        """The step of a checkpoint, after checking that it holds what resuming needs.
+    def written(self) -> set[str]:
+        """Names of the files the kit wrote here, as the folder's run.json records them."""
+        if not self.run_file.exists():
+            return set()
+        data = self.read_run()
+        return set(data.get("written") or RUN_FILES)  # run folders of earlier kit versions: the kit's names
 
-        Raises:
-            RunFolderError: the trainer state or the adapter weights are missing or unreadable.
-        """
+    def record_written(self, *names: str) -> None:
+        """Add `names` to the run.json record of files the kit wrote."""
+        self.write_run(written=sorted(self.written() | set(names)))
+
+    def foreign_files(self) -> list[str]:
+        """Files with the names a run writes that the kit did not write here (the user's own)."""
+        if not self.path.is_dir():
+            return []
+        ours = self.written()
+        present = [p.name for p in self.path.iterdir() if p.name in RUN_FILES or p.name.startswith(CHECKPOINT_PREFIX)]
+        # Checkpoints are the kit's when its run.json is there (Trainer names them by step).
+        return sorted(n for n in present
+                      if n not in ours and not (n.startswith(CHECKPOINT_PREFIX) and self.run_file.exists()))
+
+    def lock(self) -> "_RunLock":
+        """Hold the folder for one run (a context manager); a second run into it gets a `RunFolderError`."""
+        return _RunLock(self)
+
+    def checkpoint_problem(self, checkpoint: Path) -> str | None:
+        """What makes a checkpoint unusable for resuming (a phrase), or None when it is whole."""
         state_file = checkpoint / "trainer_state.json"
         try:
-            step = int(json.loads(state_file.read_text(encoding="utf-8"))["global_step"])
+            int(json.loads(state_file.read_text(encoding="utf-8"))["global_step"])
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise RunFolderError(
-                f"Checkpoint {checkpoint} is corrupt: {state_file.name} is missing or unreadable ({err}). "
-                f"Delete that folder to resume from the one before, or start a new run."
-            ) from None
+            return f"{state_file.name} is missing or unreadable ({err})"
         if not any((checkpoint / f).exists() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            return "it holds no adapter weights (adapter_model.safetensors)"
+        for file in sorted(checkpoint.iterdir()):
+            problem = damaged_weights(file)
+            if problem:
+                return f"{file.name} {problem}"
+        return None
+
+    def checkpoint_error(self, checkpoint: Path, problem: str) -> RunFolderError:
+        """The kit's error for an unusable checkpoint."""
+        return RunFolderError(
+            f"Checkpoint {checkpoint} is corrupt: {problem}. Delete that folder to resume from the one before, "
+            "or start a new run."
+        )
+
+    def check_checkpoint(self, checkpoint: Path) -> int:
+        """The step of a checkpoint, after checking that it holds what resuming needs, whole.
+
+        Raises:
+            RunFolderError: the trainer state or the adapter weights are missing or unreadable, or a
+                weight, optimizer or RNG file is cut short.
+        """
+        problem = self.checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise self.checkpoint_error(checkpoint, problem)
+        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+class _RunLock:
+    """An exclusive `flock` on the run folder's lock file for as long as a run uses the folder.
+
+    The operating system drops the lock when the process ends, however it ends, so a killed run
+    never leaves the folder locked.
+    """
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.file = folder.path / LOCK_FILE
+        self.handle = None
+
+    def __enter__(self) -> "_RunLock":
+        try:
+            self.folder.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.file, "a+", encoding="utf-8")
+        except OSError as err:
+            raise _cannot_write(self.folder.path, err) from err
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
             raise RunFolderError(
-                f"Checkpoint {checkpoint} is corrupt: it holds no adapter weights (adapter_model.safetensors). "
-                "Delete that folder to resume from the one before, or start a new run."
-            )
-        return step
+                f"{self.folder.path} is in use by another training run ({holder}). Two runs in one folder would mix "
+                "their logs and checkpoints: wait until that run ends, or choose another run_dir / --out."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.unlink(missing_ok=True)
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
 
 
-def save_adapter(model, target: Path) -> Path:
+def save_adapter(model, target: Path, convert_from: Path | None = None) -> Path:
     """Save the adapter to `target` atomically: written next to it, then swapped in.
+
+    Args:
+        model: A `PeftModel`.
+        target: The adapter folder (replaced when it exists).
+        convert_from: The initial adapter of an init that rewrote the base weights (PiSSA,
+            OLoRA...): the adapter is saved converted to a plain LoRA of the original base model
+            (peft's `path_initial_model_for_weight_conversion`).
 
     Raises:
         RunFolderError: the adapter cannot be written (disk full, read-only folder); an adapter
             already in `target` is left as it was and no staging folder stays behind.
     """
-    staging = None
-    old = target.with_name(f".{target.name}.old")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
-        model.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(old, target)  # put the previous adapter back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+    def write(staging: Path) -> None:
+        if convert_from is None:
+            model.save_pretrained(staging)
         else:
-            os.replace(staging, target)
-    except OSError as err:
-        if isinstance(err, RunFolderError):
-            raise
-        raise _cannot_write(target, err) from err
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+            model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(convert_from))
+
+    return write_folder_atomic(target, write)
 
 
 def settings_yaml(settings) -> str:
@@ -207,18 +312,40 @@ def settings_yaml(settings) -> str:
 
 
 def model_fingerprint(model) -> dict[str, Any]:
-    """Name and shape of the base model, to recognise a run folder of another model."""
+    """Name, shape and a digest of the weights of the base model, to recognise a run folder of another model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     found = {"name_or_path": str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", ""))}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     found.update({k: getattr(text, k, None) for k in _FINGERPRINT_KEYS})
+    found["weights"] = weights_digest(base)
     return found
+
+
+def weights_digest(model) -> str:
+    """A cheap digest of the model's weights: 4,096 evenly spaced values of its token embeddings.
+
+    Embeddings are never quantized and do not train with LoRA, so the digest is the same for a model
+    loaded in 4-bit, 8-bit or full precision; values are rounded to bfloat16 so that loading in
+    float32 or bfloat16 gives the same digest too. Another checkpoint of the same architecture
+    (a fine-tune, another size of the family) differs.
+    """
+    import hashlib
+
+    import torch
+
+    weight = model.get_input_embeddings().weight.detach().reshape(-1)
+    count = min(4096, weight.numel())  # integer spacing: float32 positions go wrong past 2**24 values
+    picks = (torch.arange(count, dtype=torch.int64) * (weight.numel() - 1) // max(count - 1, 1)).to(weight.device)
+    values = weight[picks].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+    return hashlib.sha256(values).hexdigest()[:16]
 
 
 def _same_model(saved: dict, current: dict) -> bool:
     if any(saved.get(k) != current.get(k) for k in _FINGERPRINT_KEYS):
         return False
+    if saved.get("weights") and current.get("weights"):
+        return saved["weights"] == current["weights"]  # the weights decide, whatever the folder is called
     # A hub ID and its local copy ("org/SmolLM2-135M-Instruct", "~/.cache/.../SmolLM2-135M-Instruct")
     # are the same model: compare the last path component.
     a, b = saved.get("name_or_path") or "", current.get("name_or_path") or ""
@@ -241,6 +368,34 @@ def _log_callback(folder: RunFolder):
     return LogFileCallback()
 
 
+def _readable_progress(trainer) -> None:
+    """Print each logged step with its numbers as numbers, 4 significant digits.
+
+    transformers 5's console callbacks print `{'loss': '6.295', 'learning_rate': '0.0002'}`: numbers
+    turned into strings. The notebook's progress table is left as it is.
+    """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ReadableProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.write(str(_rounded(logs)))
+
+    class ReadablePrinter(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero:
+                print(_rounded(logs))
+
+    for old, new in ((ProgressCallback, ReadableProgress), (PrinterCallback, ReadablePrinter)):
+        if any(type(cb) is old for cb in trainer.callback_handler.callbacks):
+            trainer.remove_callback(old)
+            trainer.add_callback(new)
+
+
+def _rounded(logs: dict | None) -> dict:
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in (logs or {}).items() if k != "total_flos"}
+
+
 # --------------------------------------------------------------------------------------- train
 def train(
     model,
@@ -255,9 +410,11 @@ def train(
     """Train a LoRA adapter with `transformers.Trainer` and keep the run in `run_dir`.
 
     Args:
-        model: the base model (wrapped with `settings.lora.to_peft(model)` here) or an already
-            wrapped `PeftModel`. A quantized base should come from `loading.load_model`, which runs
-            `prepare_model_for_kbit_training`.
+        model: the base model (wrapped with `settings.lora.to_peft(model)` here). A model that
+            already carries an adapter (a `PeftModel`, or the same model passed to an earlier
+            `train()`, as a re-run notebook cell does) has it taken off first, with a warning: every
+            run trains the adapter its settings describe, from the base model. A quantized base
+            should come from `loading.load_model`, which runs `prepare_model_for_kbit_training`.
         tokenizer: the model's tokenizer (needs a pad or EOS token).
         train_data: examples as `data.tokenize_examples` returns them, or anything
             `data.load_examples` accepts (tokenized here with the settings' `max_seq_length` and
@@ -272,30 +429,46 @@ def train(
     Returns:
         A `TrainResult` (losses, the trained model, where the adapter is). After Ctrl+C (or the
         notebook's stop button) the steps done so far are saved as a checkpoint and an adapter, and
-        the result has `interrupted=True`.
+        the result has `interrupted=True`. With an init that rewrites the base weights (PiSSA,
+        OLoRA...) the saved adapter and `result.model` are converted to a plain LoRA on the
+        original base (see `adapters.py`).
 
     Raises:
-        RunFolderError: `resume` with no resumable checkpoint, a corrupt one, or a run folder of
-            another model; without `resume`, a folder that already holds a run; or the run folder
-            cannot be written (disk full, read-only).
-        SettingsError: the settings are invalid, or name layers the model does not have.
-        DataError: the data cannot be read or tokenized.
+        RunFolderError: `resume` with no resumable checkpoint, a corrupt one, a run folder of
+            another model (weights digest) or of another adapter shape; without `resume`, a folder
+            that already holds a run or files of the run's names the kit did not write; a folder
+            another run is using (locked); or the run folder cannot be written (disk full,
+            read-only; also while Trainer writes a checkpoint: the message names the last good one).
+        SettingsError: the settings are invalid, name layers the model does not have, peft refuses
+            them for this model, or `max_seq_length` exceeds the model's learned positions.
+        ModelLoadError: the model is not a causal LM (an encoder such as BERT).
+        DataError: the data cannot be read or tokenized (a chat template refusing an example
+            included: the file and line are named).
     """
     import torch
     import transformers
     from .batching import LengthGroupedTrainer
     from .data import PadCollator
+    from .loading import disable_cpu_weight_repacking
 
     folder = RunFolder(run_dir)
     settings.train.check()
-    checkpoint = _checkpoint_to_resume(folder, model) if resume else _check_fresh(folder)
+    model = _base_for_run(model)
+    disable_cpu_weight_repacking(model)  # before any forward: the AVX512-BF16 trap (loading.py), for models loaded elsewhere
+    check_causal(model)
+    t = settings.train
+    train_set = _tokenized(train_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
+    eval_set = None if eval_data is None else _tokenized(eval_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
+    check_positions(model, t.max_seq_length, _longest(train_set, eval_set))
+    # Read-only folder checks before the adapter is made, so a refusal changes nothing; repeated
+    # below under the folder's lock, where no other run can change the folder in between.
+    settings.lora.check(model)
+    adapter = settings.lora.peft_kwargs(model)
+    _resume_or_fresh(folder, model, adapter, resume)
 
     transformers.set_seed(settings.train.seed)  # before get_peft_model: it draws LoRA A from torch's RNG
     peft_model = _with_adapter(model, settings)
 
-    t = settings.train
-    train_set = _tokenized(train_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
-    eval_set = None if eval_data is None else _tokenized(eval_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
     overrides: dict[str, Any] = {}
     if eval_set is None:
         overrides["eval_strategy"] = "no"
@@ -303,55 +476,48 @@ def train(
         overrides["use_cpu"] = True
     args = settings.to_training_args(str(folder.path), **overrides)
 
-    try:
-        folder.path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _cannot_write(folder.path, err) from err
-    if checkpoint is None:
-        write_text_atomic(folder.settings_file, settings_yaml(settings))
-        folder.log_file.unlink(missing_ok=True)
-        folder.write_run(model=model_fingerprint(peft_model), model_name_or_path=settings.model_name_or_path,
-                         created=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
-    else:
-        if folder.settings_file.exists() and folder.settings_file.read_text(encoding="utf-8") != settings_yaml(settings):
-            warnings.warn(
-                f"The settings differ from the ones saved in {folder.settings_file}; the resumed steps use the "
-                "new ones, so the run no longer matches an uninterrupted one. Load the saved settings to "
-                "continue the same run.",
-                stacklevel=2,
-            )
-        _trim_log(folder, folder.check_checkpoint(checkpoint))
-        folder.write_run(status="running", resumed_from=checkpoint.name)
+    with folder.lock():
+        checkpoint = _resume_or_fresh(folder, model, adapter, resume)
+        initial = _start_run(folder, settings, peft_model, checkpoint)
 
-    trainer = LengthGroupedTrainer(
-        model=peft_model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=PadCollator(tokenizer),
-        processing_class=tokenizer,
-        callbacks=[_log_callback(folder), *callbacks],
-    )
-    started = time.perf_counter()
-    interrupted = False
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if eval_set is not None and t.eval_steps is None:
-            trainer.evaluate()
-    except KeyboardInterrupt:
-        interrupted = True
-        _save_interrupted(trainer, folder)
-    seconds = time.perf_counter() - started
+        trainer = LengthGroupedTrainer(
+            model=peft_model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=PadCollator(tokenizer),
+            processing_class=tokenizer,
+            callbacks=[_log_callback(folder), *callbacks],
+        )
+        _readable_progress(trainer)
+        started = time.perf_counter()
+        interrupted = False
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if eval_set is not None and t.eval_steps is None:
+                trainer.evaluate()
+        except KeyboardInterrupt:
+            interrupted = True
+            _save_interrupted(trainer, folder)
+        except OSError as err:
+            raise _write_failed(folder, err) from err
+        finally:
+            if initial is not None:  # the base weights go back whatever happened (see adapters.py)
+                restore_base_weights(peft_model, initial)
+        seconds = time.perf_counter() - started
 
-    adapter_dir = None
-    if trainer.state.global_step > 0:
-        adapter_dir = save_adapter(peft_model, folder.adapter_dir)
-        write_text_atomic(folder.path / "trainer_state.json",
-                          json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True, default=str) + "\n")
-    step, max_steps = trainer.state.global_step, trainer.state.max_steps
-    status = "interrupted" if interrupted else ("stopped" if step < max_steps else "finished")  # stopped: by a callback
-    folder.write_run(status=status, global_step=step,
-                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        adapter_dir = None
+        if trainer.state.global_step > 0:
+            adapter_dir = save_adapter(peft_model, folder.adapter_dir, convert_from=initial)
+            write_text_atomic(folder.path / "trainer_state.json",
+                              json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True, default=str) + "\n")
+        if initial is not None:
+            # The live adapter is still B A on the residual: swap in the converted one on the restored base.
+            peft_model = load_converted(base_model(peft_model), adapter_dir) if adapter_dir else base_model(peft_model)
+        step, max_steps = trainer.state.global_step, trainer.state.max_steps
+        status = "interrupted" if interrupted else ("stopped" if step < max_steps else "finished")  # stopped: by a callback
+        folder.write_run(status=status, global_step=step, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        folder.record_written(ADAPTER_DIR, "trainer_state.json")
     history = list(trainer.state.log_history)
     return TrainResult(
         run_dir=folder.path,
@@ -367,52 +533,211 @@ def train(
     )
 
 
-def _with_adapter(model, settings):
-    """The model wrapped with the settings' LoRA adapter (unchanged when it already has one)."""
-    from peft import PeftModel, get_peft_model
+def _base_for_run(model):
+    """The base model of `model`: a model that already carries an adapter has it taken off, with a note.
 
-    if isinstance(model, PeftModel):
+    A re-run notebook cell passes the model an earlier `train()` wrapped in place; a `PeftModel`
+    from `load_adapter` carries a saved adapter. Either way the run trains exactly the adapter its
+    settings describe, from the base model, and settings.yaml tells the truth.
+    """
+    if not has_adapter(model):
         return model
+    base = base_model(model)
+    warnings.warn(
+        "The model passed to train() already carried a LoRA adapter (an earlier train() on the same model, or a "
+        "loaded adapter); it was taken off, and this run trains a new adapter from the settings on the base model. "
+        "To continue an earlier run instead, pass its run_dir with resume=True. An earlier TrainResult.model shares "
+        "these weights: to use an earlier run later, load it with evaluate.load_adapter(base, run_dir).",
+        UserWarning,
+        stacklevel=3,
+    )
+    return base
+
+
+def _with_adapter(model, settings):
+    """The model wrapped with the settings' LoRA adapter.
+
+    Raises:
+        SettingsError: the settings do not fit the model (checked by the kit first, then peft's own
+            refusal in the kit's words); the model is left without any adapter layer.
+    """
+    from peft import get_peft_model
+
     # Check the names and layer indices against the model first: peft adapts a partly misspelled
     # target list silently, and answers names that match nothing with its own error type.
     settings.lora.check(model)
     config = settings.lora.to_peft(model)
-    with warnings.catch_warnings():
-        # peft 0.21 calls a deprecated transformers property on every wrap; not the user's concern.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+    check_init_supported(config.init_lora_weights, model, config.use_dora)
+    try:
+        with warnings.catch_warnings():
+            # peft 0.21 calls a deprecated transformers property on every wrap; not the user's concern.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError, KeyError) as err:
+        base_model(model)  # take off whatever peft put on before it gave up
+        raise SettingsError(
+            f"peft could not put the LoRA adapter on {model_name(model)}: {err} Check lora.target_modules, "
+            "lora.layers_to_transform and lora.layers_pattern against the model's layer names "
+            "(targets.find_targets(model) lists them; layers_pattern is one plain name such as 'layers' or 'h')."
+        ) from None
+    peft_model._lora_nb_base_restored = False
+    return peft_model
+
+
+def _longest(*sets) -> int:
+    return max((max(s["length"]) if "length" in s.column_names else max(len(x) for x in s["input_ids"])
+                for s in sets if s is not None and len(s)), default=0)
+
+
+def _start_run(folder: RunFolder, settings, peft_model, checkpoint: Path | None) -> Path | None:
+    """Write the run's record (fresh run) or update it (resume); returns the initial adapter folder, if any."""
+    if checkpoint is None:
+        write_text_atomic(folder.settings_file, settings_yaml(settings))
+        folder.log_file.unlink(missing_ok=True)
+        folder.write_run(model=model_fingerprint(peft_model), model_name_or_path=settings.model_name_or_path,
+                         created=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
+        folder.record_written(SETTINGS_FILE, RUN_FILE, LOG_FILE)
+        initial = save_initial_adapter(peft_model, folder.path)
+        if initial is not None:
+            folder.record_written(INITIAL_ADAPTER_DIR)
+        return initial
+    if folder.settings_file.exists() and folder.settings_file.read_text(encoding="utf-8") != settings_yaml(settings):
+        warnings.warn(
+            f"The settings differ from the ones saved in {folder.settings_file}; the resumed steps use the "
+            "new ones, so the run no longer matches an uninterrupted one. Load the saved settings to "
+            "continue the same run.",
+            stacklevel=3,
+        )
+    _trim_log(folder, folder.check_checkpoint(checkpoint))
+    folder.write_run(status="running", resumed_from=checkpoint.name)
+    initial = folder.path / INITIAL_ADAPTER_DIR
+    return initial if (initial / "adapter_model.safetensors").exists() else save_initial_adapter(peft_model, folder.path)
+
+
+def _write_failed(folder: RunFolder, err: OSError) -> RunFolderError:
+    """The kit's error for a write that failed during training (disk full while Trainer saves a checkpoint)."""
+    if isinstance(err, RunFolderError):
+        return err
+    try:
+        folder.write_run(status="failed", error=str(err))
+    except RunFolderError:
+        pass  # the disk is still full: run.json keeps "running", which resume accepts as well
+    good = None
+    for checkpoint in reversed(folder.checkpoints()):
+        if folder.checkpoint_problem(checkpoint) is None:
+            good = checkpoint
+            break
+    last = (f"The last good checkpoint is {good} (step {good.name[len(CHECKPOINT_PREFIX):]}): free some space, then "
+            "call train(..., resume=True) with the same run_dir (command line: --resume) to continue from it."
+            if good else "No complete checkpoint was written: free some space and start the run again.")
+    reason = err.strerror or str(err)
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return RunFolderError(f"Training stopped: writing into {folder.path} failed{where}: {reason}. {last}")
 
 
 def _tokenized(data, tokenizer, max_length: int, train_on_responses_only: bool):
     import datasets
+    from jinja2 import TemplateError
 
-    from .data import tokenize_examples
+    from .data import load_examples, tokenize_examples
 
     if isinstance(data, datasets.Dataset) and "input_ids" in data.column_names:
         return data
-    return tokenize_examples(data, tokenizer, max_length, train_on_responses_only)
+    examples = load_examples(data)
+    try:
+        return tokenize_examples(examples, tokenizer, max_length, train_on_responses_only)
+    except TemplateError as err:  # e.g. "System role not supported", raised inside the chat template
+        raise template_refusal(err, examples["messages"], tokenizer, data) from None
+
+
+def _resume_or_fresh(folder: RunFolder, model, adapter: dict, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run, after checking the folder allows it.
+
+    `adapter` is the `LoraConfig` keywords the settings make for the base model.
+    """
+    return _checkpoint_to_resume(folder, model, adapter) if resume else _check_fresh(folder)
 
 
 def _check_fresh(folder: RunFolder) -> None:
-    if folder.has_run():
+    if folder.run_file.exists():
         raise RunFolderError(
             f"{folder.path} already holds a training run. Pass resume=True to continue it, choose another "
             "run_dir for a new run, or delete the folder to start over."
         )
+    foreign = folder.foreign_files()
+    if foreign:
+        raise RunFolderError(
+            f"{folder.path} already holds {', '.join(foreign)}, which this kit did not write there (its run.json "
+            "records what it wrote, and there is none). A run would overwrite them: choose an empty or new folder "
+            "for run_dir / --out, or move those files away."
+        )
     return None
 
 
-def _checkpoint_to_resume(folder: RunFolder, model) -> Path:
+def check_resumable(run_dir: str | Path, settings) -> None:
+    """Check, before any model is loaded, that `settings` can continue the run in `run_dir`.
+
+    Compares the settings' base model name and adapter shape with what the run folder records,
+    so a wrong model or a changed `lora.r` is said at once instead of after loading. `train` checks
+    the model's weights too, once it has the model.
+
+    Raises:
+        RunFolderError: the folder holds no run, a run of another model, or checkpoints of another
+            adapter shape.
+    """
+    folder = RunFolder(run_dir)
+    if not folder.path.is_dir():
+        raise RunFolderError(f"Cannot resume: {folder.path} does not exist. Start the run with resume=False.")
+    saved = folder.read_run().get("model_name_or_path")
+    wanted = settings.model_name_or_path
+    if saved and wanted and Path(str(saved).rstrip("/")).name != Path(str(wanted).rstrip("/")).name:
+        raise RunFolderError(
+            f"Cannot resume: {folder.path} is a run of {saved!r}, but the settings name {wanted!r}. Use that model "
+            "(--model) to continue it, or start a new run in another folder."
+        )
+    checkpoint = folder.last_checkpoint()
+    if checkpoint is not None:
+        _check_adapter_shape(checkpoint, settings.lora.peft_kwargs() if not settings.lora._needs_model() else {})
+
+
+def _check_adapter_shape(checkpoint: Path, wanted: dict) -> None:
+    """Refuse a checkpoint whose adapter has another shape than the settings make (r, targets, DoRA...)."""
+    try:
+        saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no readable config: check_checkpoint names what is wrong with the checkpoint
+    if not isinstance(saved, dict):
+        return
+    changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in _SHAPE_KEYS
+               if k in wanted and k in saved and _norm(saved.get(k)) != _norm(wanted[k])]
+    targets = wanted.get("target_modules")
+    if isinstance(targets, list) and isinstance(saved.get("target_modules"), list) and set(targets) != set(saved["target_modules"]):
+        changed.append(f"target_modules {sorted(saved['target_modules'])} -> {sorted(targets)}")
+    if changed:
+        raise RunFolderError(
+            f"Cannot resume: {checkpoint} holds an adapter of another shape than the settings make "
+            f"({'; '.join(changed)}). Its weights cannot be loaded into the new shape: use the run's own settings "
+            f"({checkpoint.parent / SETTINGS_FILE}) to continue it, or start a new run in another folder."
+        )
+
+
+def _norm(value: Any) -> Any:
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _checkpoint_to_resume(folder: RunFolder, model, adapter: dict) -> Path:
     if not folder.path.is_dir():
         raise RunFolderError(f"Cannot resume: {folder.path} does not exist. Start the run with resume=False.")
     saved = folder.read_run().get("model") or {}
     current = model_fingerprint(model)
     if not _same_model(saved, current):
+        other_weights = all(saved.get(k) == current.get(k) for k in _FINGERPRINT_KEYS)
         raise RunFolderError(
             f"Cannot resume: {folder.path} is a run of another model ({saved.get('name_or_path')!r}, "
             f"{saved.get('model_type')}, hidden size {saved.get('hidden_size')}), not of "
-            f"{current['name_or_path']!r} ({current['model_type']}, hidden size {current['hidden_size']}). "
-            "Load that model to continue it, or start a new run in another folder."
+            f"{current['name_or_path']!r} ({current['model_type']}, hidden size {current['hidden_size']})"
+            + (": same architecture and size, but other weights" if other_weights else "")
+            + ". Load that model to continue it, or start a new run in another folder."
         )
     checkpoints = folder.checkpoints()
     if not checkpoints:
@@ -420,20 +745,22 @@ def _checkpoint_to_resume(folder: RunFolder, model) -> Path:
             f"Cannot resume: {folder.path} holds no checkpoint-N folder. Checkpoints are written every "
             "train.save_steps steps and when training is interrupted; start a new run with resume=False."
         )
+    _check_adapter_shape(checkpoints[-1], adapter)
     # A process killed while writing a checkpoint leaves it incomplete (Trainer writes
-    # trainer_state.json last): resume from the newest complete one and say so.
+    # trainer_state.json last), a full disk or a broken copy leaves files cut short: resume from
+    # the newest whole one and say so.
     first_error, skipped = None, []
     for checkpoint in reversed(checkpoints):
-        try:
-            folder.check_checkpoint(checkpoint)
-        except RunFolderError as err:
-            first_error, skipped = first_error or err, [*skipped, checkpoint.name]
+        problem = folder.checkpoint_problem(checkpoint)
+        if problem is not None:
+            first_error = first_error or folder.checkpoint_error(checkpoint, problem)
+            skipped.append(f"{checkpoint.name} ({problem})")
             continue
         if skipped:
             warnings.warn(
                 f"Skipping incomplete {', '.join(skipped)} in {folder.path} (the run was probably stopped while "
                 f"writing it): resuming from {checkpoint.name}; the steps after it are trained again.",
-                stacklevel=3,
+                stacklevel=4,
             )
         return checkpoint
     raise first_error

@@ -82,9 +82,11 @@ def test_adapter_switch_changes_answers(tuned, heldout):
     assert "<table>" in table._repr_html_() and table.to_markdown().startswith("| prompt | reference |")
 
 
-def test_evaluate_run_writes_metrics_and_generations(tuned, heldout, tmp_path):
+def test_evaluate_run_writes_metrics_and_generations(tuned, heldout, tmp_path, capsys):
     model, tokenizer = tuned
     report = evaluate_run(model, tokenizer, heldout, run_dir=tmp_path, limit=3, max_new_tokens=6)
+    err = capsys.readouterr().err  # a progress bar while it generates: 3 examples x (loss, answers) x 2 sides
+    assert "evaluating before/after: 100%" in err and "12/12" in err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_examples"] == 3
     for side in ("before", "after"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import warnings
 
@@ -155,12 +156,16 @@ def test_run_folder_refusals(tiny, uninterrupted, tmp_path):
         train(fresh_model(model_dir), tokenizer, train_set, settings, run, resume=True)
 
 
-def test_already_wrapped_model_is_used_as_is(tiny, tmp_path):
+def test_model_with_another_adapter_trains_the_settings_adapter(tiny, tmp_path):
     model_dir, tokenizer, train_set, _ = tiny
     settings = tiny_settings(model_dir, max_steps=1)
-    wrapped = _with_adapter(fresh_model(model_dir), settings)
-    result = train(wrapped, tokenizer, load_examples(demo_data_paths()[0]).select(range(8)), settings, tmp_path / "run")
-    assert result.model is wrapped and result.global_step == 1
+    other = tiny_settings(model_dir)
+    other.lora.r, other.lora.target_modules = 2, ["q_proj"]
+    wrapped = _with_adapter(fresh_model(model_dir), other)
+    with pytest.warns(UserWarning, match=r"already carried a LoRA adapter .*it was taken off"):
+        result = train(wrapped, tokenizer, load_examples(demo_data_paths()[0]).select(range(8)), settings, tmp_path / "run")
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert result.global_step == 1 and config["r"] == 8 and len(config["target_modules"]) == 7
 
 
 def test_same_seed_same_adapter_init_and_no_peft_warning(tiny):
@@ -203,3 +208,14 @@ def test_demo_recipe_margins(demo_run):
     assert before["exact_match"] <= 0.1
     assert after["exact_match"] >= 0.6 and after["exact_match"] >= before["exact_match"] + 0.4
     assert after["valid_json"] >= 0.9
+
+
+def test_logged_steps_print_numbers_as_numbers(tiny, tmp_path, capsys):
+    model_dir, tokenizer, train_set, _ = tiny
+    train(fresh_model(model_dir), tokenizer, train_set, tiny_settings(model_dir, max_steps=2), tmp_path / "run")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{'loss'")]
+    assert len(lines) == 2
+    for line in lines:
+        record = ast.literal_eval(line)
+        assert all(isinstance(record[k], float) for k in ("loss", "grad_norm", "learning_rate", "epoch"))
+        assert all(len(f"{record[k]:.10g}".replace(".", "").lstrip("0")) <= 4 for k in ("loss", "grad_norm"))
