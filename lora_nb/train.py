@@ -452,17 +452,17 @@ def train(
     from .loading import disable_cpu_weight_repacking
 
     folder = RunFolder(run_dir)
-    settings.train.check()
+    settings.check(check_environment=False)  # every section, before any data or model work
     model = _base_for_run(model)
     disable_cpu_weight_repacking(model)  # before any forward: the AVX512-BF16 trap (loading.py), for models loaded elsewhere
     check_causal(model)
+    settings.lora.check(model)  # targets against this model, before the data is read
     t = settings.train
     train_set = _tokenized(train_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
     eval_set = None if eval_data is None else _tokenized(eval_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
     check_positions(model, t.max_seq_length, _longest(train_set, eval_set))
     # Read-only folder checks before the adapter is made, so a refusal changes nothing; repeated
     # below under the folder's lock, where no other run can change the folder in between.
-    settings.lora.check(model)
     adapter = settings.lora.peft_kwargs(model)
     _resume_or_fresh(folder, model, adapter, resume)
 

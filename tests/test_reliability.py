@@ -545,7 +545,8 @@ def test_max_seq_length_beyond_learned_positions_is_refused(tokenizer, examples,
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64))
     with pytest.raises(SettingsError, match=r"max_seq_length is 96, but .*\(gpt2\) has position embeddings for 64 tokens "
                                             r"only .*IndexError.*set train\.max_seq_length to 64 or less"):
-        train(gpt2, tokenizer, examples, small_settings("gpt2"), tmp_path / "run")
+        train(gpt2, tokenizer, examples, small_settings("gpt2", LoraSettings(r=4, lora_alpha=8, fan_in_fan_out=True)),
+              tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
