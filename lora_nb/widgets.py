@@ -171,20 +171,21 @@ class SaveBar:
     def show(self, errors: Sequence[str]) -> None:
         """Updates the status line for the current settings."""
         self.button.disabled = bool(errors)
-        where = f"<code>{html.escape(str(self.path.resolve()))}</code>"
-        if self.saved is None:
-            self.status.value = (f"<small><b>Not saved yet.</b> 03_train.ipynb trains with {where} "
-                                 f"{_saved_when(self.path)}</small>")
-        elif self._current() != self.saved:
-            self.status.value = (f"<small style='color:#a60'><b>Changed since saved</b> at "
-                                 f"{time.strftime('%H:%M:%S', time.localtime(self.saved_at))}: press Save again, "
-                                 f"or 03_train.ipynb trains with the saved settings in {where}</small>")
-        else:
-            self.status.value = (f"<small style='color:#070'><b>Saved</b> at "
-                                 f"{time.strftime('%H:%M:%S', time.localtime(self.saved_at))} to {where}; "
-                                 f"03_train.ipynb trains with it</small>")
+        text, color = self.state()
         if errors:
-            self.status.value += "<br><small>fix the errors below to save</small>"
+            text += " Fix the errors below to save."
+        self.status.value = f"<small style='color:{color}'>{html.escape(text)}</small>"
+
+    def state(self) -> tuple[str, str]:
+        """The save state in words (saved where and when, changed since, or not saved yet), and its colour."""
+        where = str(self.path.resolve())
+        if self.saved is None:
+            return f"Not saved yet. 03_train.ipynb trains with {where} {_saved_when(self.path)}", "#333"
+        at = time.strftime("%H:%M:%S", time.localtime(self.saved_at))
+        if self._current() != self.saved:
+            return (f"Changed since saved at {at}: press Save again, or 03_train.ipynb trains with the saved "
+                    f"settings in {where}.", "#a60")
+        return f"Saved at {at} to {where}; 03_train.ipynb trains with it.", "#070"
 
 
 def _saved_when(path: Path) -> str:

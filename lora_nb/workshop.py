@@ -4,11 +4,13 @@
 ``03_train`` trains with that file when it exists. :func:`training_choice` reads it and says what
 training will use (r, alpha, targets, quantization, learning rate, steps) and when it was saved,
 or that there is no saved file and the preset's defaults are used. :func:`reset_workshop` puts the
-folder back as a fresh clone has it, between two groups of learners.
+folder back as a fresh clone has it, between two groups of learners. :func:`memory_report` says,
+before anything big is loaded, whether this session's memory (Binder gives 1-2 GB) is enough.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,6 +21,9 @@ from .settings import ALL_LINEAR, KitSettings
 CONFIGURED = "configured.yaml"  # what the configurator's Save button writes in the run folder
 EXPORTS = ("configured.yaml", "configured-axolotl.yaml", "configured-lora.yaml", "adapter_config.json",
            "configured_lora.py")  # the configurator's export files (widgets.EXPORT_FILES)
+
+NEEDED_BYTES = 2_000_000_000  # every notebook and the demo run under a 2 GB cap (tests/test_memory.py)
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
 @dataclass
@@ -105,6 +110,48 @@ def reset_workshop(root: str | Path = "runs", keep_runs: bool = False) -> list[P
     return removed
 
 
+def memory_limit() -> tuple[int | None, str]:
+    """The memory this session may use, and where that number comes from.
+
+    Looks at Binder's ``MEM_LIMIT``, the cgroup limit (v2, then v1) and the machine's RAM, and
+    returns the smallest.
+
+    Returns:
+        ``(bytes, source)``; ``(None, reason)`` when nothing can be read.
+    """
+    found: list[tuple[int, str]] = []
+    if os.environ.get("MEM_LIMIT", "").isdigit():
+        found.append((int(os.environ["MEM_LIMIT"]), "MEM_LIMIT (Binder)"))
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            found.append((int(text), "cgroup limit"))
+    try:
+        found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    if not found:
+        return None, "unknown"
+    return min(found)
+
+
+def memory_report(needed: int = NEEDED_BYTES) -> str:
+    """One line: this session's memory against what the notebooks and the demo were measured to need."""
+    limit, source = memory_limit()
+    if limit is None:
+        return "memory: could not read this session's limit; the notebooks need up to 2 GB"
+    gb = limit / 1e9
+    if limit >= needed:
+        return f"memory: {gb:.1f} GB ({source}); every notebook and the demo fit in {needed / 1e9:.0f} GB"
+    return (f"memory: only {gb:.1f} GB ({source}), less than the {needed / 1e9:.0f} GB the notebooks were measured "
+            "in: 01's precision comparison and 04's merge load a second model and may be stopped (the kernel "
+            "restarts); run 02 and 03 alone, one at a time (shut down each notebook's kernel when done), or use "
+            "Colab or your own machine")
+
+
 def _ago(then: float | None, now: float | None = None) -> str:
     seconds = max(0, int((now if now is not None else time.time()) - (then or 0)))
     if seconds < 120:
@@ -114,4 +161,4 @@ def _ago(then: float | None, now: float | None = None) -> str:
     return f"{seconds // 3600} hours ago" if seconds < 2 * 86400 else f"{seconds // 86400} days ago"
 
 
-__all__ = ["TrainingChoice", "reset_workshop", "settings_line", "training_choice"]
+__all__ = ["TrainingChoice", "memory_limit", "memory_report", "reset_workshop", "settings_line", "training_choice"]

@@ -345,4 +345,4 @@ def test_nothing_is_saved_until_save_is_pressed(model, tmp_path):
     conf.controls["lora.r"].value = 8
     assert "Saved" in conf.save_bar.status.value
     conf.controls["lora.r"].box.value = 2000
-    assert conf.save_bar.button.disabled and "fix the errors" in conf.save_bar.status.value
+    assert conf.save_bar.button.disabled and "Fix the errors" in conf.save_bar.status.value

@@ -47,3 +47,16 @@ def test_reset_removes_saved_settings_and_runs(tmp_path):
     assert reset_workshop(tmp_path) == [run]
     assert not run.exists() and other.exists()  # only run folders go
     assert training_choice(tmp_path).path is None
+
+
+def test_memory_report_reads_binders_limit(monkeypatch):
+    from lora_nb.workshop import memory_limit, memory_report
+
+    monkeypatch.setenv("MEM_LIMIT", str(1_000_000_000))
+    assert memory_limit() == (1_000_000_000, "MEM_LIMIT (Binder)")
+    assert "only 1.0 GB (MEM_LIMIT (Binder))" in memory_report()
+    monkeypatch.setenv("MEM_LIMIT", str(8_000_000_000))
+    limit, _ = memory_limit()
+    assert limit <= 8_000_000_000
+    if limit >= 2_000_000_000:
+        assert "every notebook and the demo fit in 2 GB" in memory_report()
