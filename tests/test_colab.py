@@ -106,7 +106,7 @@ def test_install_cell_then_notebooks_run_as_on_colab(tmp_path, monkeypatch):
     python = _colab_venv(tmp_path)
     probe = "import importlib.util as u; print(u.find_spec('lora_nb') is None, u.find_spec('torch') is not None)"
     assert subprocess.run([python, "-c", probe], capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
-                          check=True).stdout.split() == ["True", "True"]  # torch is there, the kit is not
+                          cwd=tmp_path, check=True).stdout.split() == ["True", "True"]  # torch is there, the kit not
 
     monkeypatch.setenv("LORA_NB_SOURCE", str(_wheel(tmp_path)))
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel(tmp_path, python)))
@@ -125,6 +125,7 @@ def test_install_cell_then_notebooks_run_as_on_colab(tmp_path, monkeypatch):
                               for o in c.get("outputs", []))
             assert "installed from " + str(os.environ["LORA_NB_SOURCE"]) in outputs
             installed = subprocess.run([python, "-c", "import lora_nb; print(lora_nb.__file__)"], check=True,
-                                       capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+                                       capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
+                                       cwd=tmp_path)
             assert "colab-venv" in installed.stdout  # the wheel, installed by the cell, not the checkout
     assert list((tmp_path / "work" / "runs").glob("train-*/adapter/adapter_model.safetensors"))
