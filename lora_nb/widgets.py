@@ -2,18 +2,22 @@
 
 :class:`LoraConfigurator` is generated from the settings fields (:func:`lora_nb.settings.field_specs`):
 numbers with a range become sliders (log scale when the range spans decades, as the learning
-rate's), ``Literal`` choices dropdowns, booleans checkboxes, anything else a text box read as YAML.
+rate's; a :class:`StepSlider` over powers of two with a box for any other value for integers such as
+r, lora_alpha and the batch size), ``Literal`` choices dropdowns, booleans checkboxes, anything else a
+text box read as YAML. Knobs that do nothing with the current choice (:func:`inactive_reasons`) are
+disabled, with the reason shown under them.
 Each control carries its help text as a tooltip and behind a "?" toggle. One ``observe`` handler
 writes the changed value back into a draft :class:`~lora_nb.settings.KitSettings` and re-validates;
 a live panel then shows the exact trainable-parameter count, the memory estimate by part, advice and
 problems. A bad combination is shown as an error in the panel, never raised out of a handler.
+The panel's :class:`SaveBar` writes ``configured.yaml`` for ``03_train`` only when pressed.
 
-Layout::
+Layout (the tabs have a fixed width, so the panel stays put when another tab opens)::
 
     [model]  [preset v]
-    ┌ LoRA ┬ Targets ┬ Quantization ┬ Training ┬ Export ┐     live panel: trainable / memory /
-    │ r ──●──── 16 [?]   ...                            │     warnings / errors
-    └───────────────────────────────────────────────────┘
+    ┌ LoRA ┬ Targets ┬ Quantization ┬ Training ┬ Export ┐     live panel: [Save for training]
+    │ r ──●──── [16] [?]   ...                          │     saved where and when / trainable /
+    └───────────────────────────────────────────────────┘     memory / warnings / errors
 
 Where widgets cannot render (a notebook run headless, a terminal), the configurator's text/plain
 form is a readable summary of the settings and the counts.

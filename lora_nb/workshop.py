@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pipeline import DEFAULT_PRESET, configure
 from .settings import ALL_LINEAR, KitSettings
 
 CONFIGURED = "configured.yaml"  # what the configurator's Save button writes in the run folder
@@ -66,7 +67,7 @@ def settings_line(settings: KitSettings) -> str:
             f"learning rate {tr.learning_rate:g}, {steps}, batch {tr.per_device_train_batch_size}")
 
 
-def training_choice(root: str | Path = "runs", preset: str = "demo-cpu") -> TrainingChoice:
+def training_choice(root: str | Path = "runs", preset: str = DEFAULT_PRESET) -> TrainingChoice:
     """The settings ``03_train`` trains with: ``<root>/configured.yaml`` when saved, else the preset.
 
     Args:
@@ -79,8 +80,6 @@ def training_choice(root: str | Path = "runs", preset: str = "demo-cpu") -> Trai
     Raises:
         ConfigFileError, SettingsError: When the saved file cannot be read or holds invalid settings.
     """
-    from .pipeline import configure
-
     saved = Path(root).expanduser() / CONFIGURED
     if saved.is_file():
         return TrainingChoice(configure(saved), saved, saved.stat().st_mtime, preset)
