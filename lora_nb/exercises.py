@@ -15,8 +15,10 @@ or ``solution_mode(True)`` in a cell; every exercise then shows its answer and e
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
@@ -218,14 +220,20 @@ def steps_exercise(settings: KitSettings, n_examples: int) -> Exercise:
                     f"rounded up = {steps}.")
 
 
-def adapter_size_exercise(trainable: int, size_bytes: int) -> Exercise:
-    """Notebook 04: how many MB does the saved adapter take?"""
+def adapter_size_exercise(adapter_dir: str | Path) -> Exercise:
+    """Notebook 04: how many MB does the saved adapter take, from its number of parameters?"""
+    from safetensors import safe_open
+
+    file = Path(adapter_dir) / "adapter_model.safetensors"
+    with safe_open(str(file), "pt") as weights:
+        parameters = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    size = file.stat().st_size
     return Exercise(
-        question=f"The adapter has {trainable:,} trainable parameters, saved in fp32. How many MB is the file?",
-        answer=round(size_bytes / 1e6, 1), unit="MB", tolerance=0.1,
+        question=f"The adapter has {parameters:,} parameters, saved in fp32. How many MB is its file?",
+        answer=round(size / 1e6, 1), unit="MB", tolerance=0.1,
         hint="fp32 is 4 bytes per parameter; 1 MB = 1,000,000 bytes.",
-        explanation=(f"{trainable:,} x 4 bytes = {trainable * 4 / 1e6:.1f} MB, plus a small header: the file is "
-                     f"{size_bytes / 1e6:.1f} MB. The base model is not in it, so it is shared and loaded separately."))
+        explanation=(f"{parameters:,} x 4 bytes = {parameters * 4 / 1e6:.1f} MB, plus a small header: the file is "
+                     f"{size / 1e6:.1f} MB. The base model is not in it, so it is shared and loaded separately."))
 
 
 __all__ = ["Exercise", "Reply", "adapter_size_exercise", "alpha_exercise", "solution_mode", "steps_exercise",

@@ -12,7 +12,7 @@ import peft
 import pytest
 from transformers import AutoModelForCausalLM
 
-from lora_nb.exercises import (SOLUTIONS, Exercise, alpha_exercise, solution_mode, steps_exercise,
+from lora_nb.exercises import (SOLUTIONS, Exercise, adapter_size_exercise, alpha_exercise, solution_mode, steps_exercise,
                                trainable_exercise, weights_memory_exercise)
 from lora_nb.presets import get_preset
 
@@ -74,3 +74,13 @@ def test_every_notebook_has_a_checked_exercise():
 
 def test_exercise_without_answer_is_a_plain_number():
     assert Exercise("q?", 10, "because").check(10).correct
+
+
+def test_adapter_size_exercise_reads_the_saved_adapter(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(100, 8), "b": torch.zeros(8, 50)}, str(tmp_path / "adapter_model.safetensors"))
+    exercise = adapter_size_exercise(tmp_path)
+    assert "1,200 parameters" in exercise.question
+    assert exercise.answer == round((tmp_path / "adapter_model.safetensors").stat().st_size / 1e6, 1)
