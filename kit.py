@@ -2,7 +2,7 @@
 
     python kit.py demo    # set up, then run the whole pipeline on the demo model -> runs/demo-<date>-<time>/
     python kit.py test    # set up, then run the whole test suite, notebooks included
-    python kit.py lab     # set up, then open JupyterLab at notebooks/
+    python kit.py lab     # set up, then open JupyterLab at notebooks/ (adds --allow-root when run as root)
     python kit.py setup   # only set up
 
 Setup makes `.venv` (with access to the system's packages, so a torch that is already installed,
