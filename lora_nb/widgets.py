@@ -82,7 +82,7 @@ class StepSlider(W.HBox):
         self.slider = W.SelectionSlider(options=self.stops, continuous_update=False, **common)
         self.box = W.IntText(layout=W.Layout(width="80px"), tooltip=common.get("tooltip", ""))
         self._syncing = False
-        super().__init__([self.slider, self.box], tooltip=common.get("tooltip", ""))
+        super().__init__([self.slider, self.box])  # no tooltip on the box itself: its view cannot show one
         self.slider.observe(self._from_part, names="value")
         self.box.observe(self._from_part, names="value")
         self.value = self.stops[0]

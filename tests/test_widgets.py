@@ -46,7 +46,7 @@ def test_controls_are_generated_from_the_field_specs(conf):
         for spec in field_specs(cls):
             control = conf.controls[f"{section}.{spec.name}"]
             if spec.name not in ("target_modules", "layers_to_transform"):
-                assert spec.help in control.tooltip
+                assert spec.help in getattr(control, "slider", control).tooltip
     for name in ("lora.r", "lora.lora_alpha", "train.per_device_train_batch_size"):
         assert isinstance(conf.controls[name], StepSlider)
     assert conf.controls["lora.r"].stops == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
