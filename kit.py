@@ -2,7 +2,7 @@
 
     python kit.py demo    # set up, then run the whole pipeline on the demo model -> runs/demo-<date>-<time>/
     python kit.py test    # set up, then run the whole test suite, notebooks included
-    python kit.py lab     # set up, then open JupyterLab at notebooks/
+    python kit.py lab     # set up, then open JupyterLab at notebooks/ (adds --allow-root when run as root)
     python kit.py setup   # only set up
 
 Setup makes `.venv` (with access to the system's packages, so a torch that is already installed,
@@ -73,6 +73,13 @@ def install_chromium() -> None:
             return
 
 
+def lab_arguments(extra: list[str]) -> list[str]:
+    """JupyterLab's extra arguments: `--allow-root` added when running as root (Docker, cloud VMs),
+    where JupyterLab otherwise refuses to start."""
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    return [*extra, "--allow-root"] if as_root and "--allow-root" not in extra else list(extra)
+
+
 def main(argv: list[str]) -> None:
     """Dispatch `demo`, `test`, `lab` or `setup`."""
     command = argv[0] if argv else "demo"
@@ -84,7 +91,7 @@ def main(argv: list[str]) -> None:
         install_chromium()
         run(python, *TEST_COMMAND, *argv[1:], env=offline)
     elif command == "lab":
-        run(python, "-m", "jupyter", "lab", "--notebook-dir", ROOT / "notebooks", *argv[1:])
+        run(python, "-m", "jupyter", "lab", "--notebook-dir", ROOT / "notebooks", *lab_arguments(argv[1:]))
     elif command != "setup":
         sys.exit(f"unknown command {command!r}: use demo, test, lab or setup")
 

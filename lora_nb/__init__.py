@@ -6,10 +6,15 @@ single definition of every knob, its validation and YAML/JSON forms), `targets` 
 (adaptable layers, exact trainable counts, memory), `data` + `batching` (tokenizing, masking,
 length grouping), `train` (Trainer with run folders and resume), `evaluate` + `runs` (before/after,
 adapters, merging, comparing runs), `plots` and `widgets` (what the notebooks display), `pipeline`
-(the headless run behind `python -m lora_nb run`).
+(the headless run behind `python -m lora_nb run`), `threads` (how the kit shares the CPU; applied
+here, first, so every entry point gets it).
 """
 
-from .loading import load_model  # first: it also quiets bitsandbytes' optional-kernel message
+from .threads import apply_thread_settings, thread_report
+
+apply_thread_settings()  # before anything imports torch: OpenMP reads its wait policy once, at load
+
+from .loading import load_model  # noqa: E402  # first: it also quiets bitsandbytes' optional-kernel message
 from .demo import DEMO_MODEL_ID, demo_model_path, resolve_model
 from .errors import (
     ConfigFileError,
@@ -25,6 +30,8 @@ from .formats import load_settings, save_settings
 from .presets import PRESETS, get_preset
 from .settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 from .targets import find_targets
+
+apply_thread_settings()  # torch is imported now: set its intra-op and inter-op threads
 
 __version__ = "0.1.0"
 
@@ -51,4 +58,5 @@ __all__ = [
     "load_settings",
     "resolve_model",
     "save_settings",
+    "thread_report",
 ]

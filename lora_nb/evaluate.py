@@ -428,7 +428,7 @@ def _writable_run_folder(run_dir: str | Path, *names: str):
 
 
 def save_adapter(model, adapter_dir: str | Path) -> Path:
-    """Save only the adapter weights and config (a few MB), atomically.
+    """Save only the adapter weights and config (19.6 MB for the demo recipe: 4.9M fp32 parameters), atomically.
 
     Args:
         model: A `PeftModel`.

@@ -1,4 +1,5 @@
-"""Plots: memory per precision, token lengths, loss curves, and a live loss plot during training.
+"""Plots: memory per precision, NF4 on real weights, token lengths, loss curves (with the learning rate
+beside the loss), and a live loss plot during training.
 
 Every function returns a matplotlib `Figure` (already closed in pyplot, so a notebook shows it once,
 as the cell's value) and takes plain data: numbers, a `TrainResult`, a log history, or run folders.
@@ -64,6 +65,57 @@ def plot_memory(footprints: Sequence[Any] | Mapping[str, float | None], title: s
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# NF4
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plot_nf4(weight: Any, name: str = "weight", block: int = 0) -> Figure:
+    """NF4 on one real weight matrix: the 16 levels over the weights, one block before and after, the error.
+
+    Args:
+        weight: A weight tensor (a full-precision linear layer's ``weight``).
+        name: The layer's name, for the titles.
+        block: Which block of 64 weights to show in the middle panel.
+
+    Returns:
+        The figure: left, the weights divided by their block's absmax (histogram) with the 16 NF4 levels
+        as lines; middle, the 64 weights of one block and what 4-bit storage gives back; right, the
+        error of every weight of the matrix.
+    """
+    from .nf4 import BLOCK, nf4_levels, nf4_round_trip
+
+    rt = nf4_round_trip(weight)
+    levels = nf4_levels().numpy()
+    fig, (left, middle, right) = _new_figure(13.0, 3.6, ncols=3)
+    scaled = (rt.original.reshape(-1, BLOCK) / rt.scales[:, None]).reshape(-1).numpy()
+    left.hist(scaled, bins=120, color="#4c72b0")
+    for level in levels:
+        left.axvline(level, color="#c44e52", lw=0.8)
+    left.set_xlabel("weight / absmax of its block")
+    left.set_ylabel("weights")
+    left.set_title(f"{name}: the 16 NF4 levels (red)")
+
+    start = block * BLOCK
+    xs = range(BLOCK)
+    before = rt.original[start:start + BLOCK].numpy()
+    after = rt.restored[start:start + BLOCK].numpy()
+    middle.plot(xs, before, "o", ms=3.5, color="#4c72b0", label="original")
+    middle.plot(xs, after, "_", ms=9, mew=2, color="#c44e52", label="4-bit, restored")
+    middle.vlines(xs, before, after, color="grey", lw=0.6)
+    middle.set_xlabel(f"weight in block {block} (absmax {rt.scales[block]:.3g})")
+    middle.set_title("one block of 64 weights")
+    middle.legend(fontsize=8)
+
+    error = rt.error.numpy()
+    right.hist(error, bins=120, color="#55a868")
+    rel = float(rt.error.abs().mean() / rt.original.abs().mean())
+    right.set_xlabel("restored - original")
+    right.set_title(f"error: mean |error| = {rel:.0%} of mean |w|")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Lengths
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -125,6 +177,20 @@ def loss_points(source: Any) -> tuple[Points, Points]:
     return train, evals
 
 
+def lr_points(source: Any) -> Points:
+    """The `(step, learning_rate)` points of a run (same sources as `loss_points`)."""
+    if hasattr(source, "history"):  # a TrainResult
+        source = source.history
+    elif hasattr(source, "train_losses"):  # a RunInfo: its folder's log
+        run_dir = Path(getattr(source, "run_dir", None) or "")
+        if not ((run_dir / "log.jsonl").exists() or (run_dir / "trainer_state.json").exists()):
+            return []
+        source = run_dir
+    records = _history(source) if isinstance(source, (str, Path)) else list(source)
+    return [(int(r["step"]), float(r["learning_rate"])) for r in records if "learning_rate" in r and "step" in r
+            and "loss" in r]
+
+
 def _history(run_dir: str | Path) -> list[dict]:
     run_dir = Path(run_dir)
     log = run_dir / "log.jsonl"
@@ -158,7 +224,9 @@ def plot_losses(sources: Any, labels: Sequence[str] | None = None, title: str = 
         The figure: per run, a line "<label> train" and, when evaluated, "<label> held-out".
     """
     runs = _runs(sources, labels)
-    fig, (ax,) = _new_figure(7.0, 4.0)
+    single = len(runs) == 1 and bool(lr_points(runs[0][1]))
+    fig, axes = _new_figure(11.0 if single else 7.0, 4.0, ncols=2 if single else 1)
+    ax = axes[0]
     colors = [f"C{i}" for i in range(10)]
     for i, (label, source) in enumerate(runs):
         train, evals = loss_points(source)
@@ -169,7 +237,23 @@ def plot_losses(sources: Any, labels: Sequence[str] | None = None, title: str = 
         if evals:
             ax.plot(*zip(*evals), color=color, linestyle="--", marker="o", label=f"{prefix}held-out")
     _style_loss_axes(ax, title, log_scale)
+    if single:
+        _plot_lr(axes[1], lr_points(runs[0][1]))
+        fig.tight_layout()
     return fig
+
+
+def _plot_lr(ax, points: Points, max_steps: int | None = None) -> None:
+    """The learning rate per step, beside the loss: warmup from 0, then the schedule."""
+    if points:
+        ax.plot(*zip(*points), color="C2", marker=".")
+    if max_steps:
+        ax.set_xlim(0, max_steps)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate (warmup, then decay)")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.grid(alpha=0.3)
 
 
 def _style_loss_axes(ax, title: str, log_scale: bool = False) -> None:
@@ -217,7 +301,7 @@ def _in_notebook() -> bool:
 
 
 class LiveLossPlot(TrainerCallback):
-    """Redraws training and held-out loss in place while `Trainer` runs.
+    """Redraws training and held-out loss, and the learning rate beside them, in place while `Trainer` runs.
 
     In a notebook the figure is shown once when training starts and updated through an IPython
     display handle at each log; elsewhere (a script, a test) nothing is displayed and the points
@@ -239,18 +323,22 @@ class LiveLossPlot(TrainerCallback):
         self.display = _in_notebook() if display is None else display
         self.train: Points = []
         self.eval: Points = []
+        self.lr: Points = []
         self.figure: Figure | None = None
         self._handle = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A resumed run starts with the history of the steps already done.
         self.train, self.eval = loss_points(state.log_history)
+        self.lr = lr_points(state.log_history)
         self._max_steps = state.max_steps
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" in logs:
             self.train.append((state.global_step, float(logs["loss"])))
+            if "learning_rate" in logs:
+                self.lr.append((state.global_step, float(logs["learning_rate"])))
         if "eval_loss" in logs:
             self.eval.append((state.global_step, float(logs["eval_loss"])))
         if "loss" in logs or "eval_loss" in logs:
@@ -259,9 +347,11 @@ class LiveLossPlot(TrainerCallback):
     def redraw(self, max_steps: int | None = None) -> Figure:
         """Draw the current points (and update the notebook output when displaying)."""
         if self.figure is None:
-            self.figure, (self._ax,) = _new_figure(7.0, 4.0)
+            self.figure, (self._ax, self._lr_ax) = _new_figure(11.0, 4.0, ncols=2)
         ax = self._ax
         ax.clear()
+        self._lr_ax.clear()
+        _plot_lr(self._lr_ax, self.lr, max_steps)
         if self.train:
             ax.plot(*zip(*self.train), color="C0", label="train")
         if self.eval:
@@ -269,6 +359,7 @@ class LiveLossPlot(TrainerCallback):
         if max_steps and max_steps > 0:
             ax.set_xlim(0, max_steps)
         _style_loss_axes(ax, self.title)
+        self.figure.tight_layout()
         if self.display:
             self._show()
         return self.figure

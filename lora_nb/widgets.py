@@ -2,18 +2,22 @@
 
 :class:`LoraConfigurator` is generated from the settings fields (:func:`lora_nb.settings.field_specs`):
 numbers with a range become sliders (log scale when the range spans decades, as the learning
-rate's), ``Literal`` choices dropdowns, booleans checkboxes, anything else a text box read as YAML.
+rate's; a :class:`StepSlider` over powers of two with a box for any other value for integers such as
+r, lora_alpha and the batch size), ``Literal`` choices dropdowns, booleans checkboxes, anything else a
+text box read as YAML. Knobs that do nothing with the current choice (:func:`inactive_reasons`) are
+disabled, with the reason shown under them.
 Each control carries its help text as a tooltip and behind a "?" toggle. One ``observe`` handler
 writes the changed value back into a draft :class:`~lora_nb.settings.KitSettings` and re-validates;
 a live panel then shows the exact trainable-parameter count, the memory estimate by part, advice and
 problems. A bad combination is shown as an error in the panel, never raised out of a handler.
+The panel's :class:`SaveBar` writes ``configured.yaml`` for ``03_train`` only when pressed.
 
-Layout::
+Layout (the tabs have a fixed width, so the panel stays put when another tab opens)::
 
     [model]  [preset v]
-    ┌ LoRA ┬ Targets ┬ Quantization ┬ Training ┬ Export ┐     live panel: trainable / memory /
-    │ r ──●──── 16 [?]   ...                            │     warnings / errors
-    └───────────────────────────────────────────────────┘
+    ┌ LoRA ┬ Targets ┬ Quantization ┬ Training ┬ Export ┐     live panel: [Save for training]
+    │ r ──●──── [16] [?]   ...                          │     saved where and when / trainable /
+    └───────────────────────────────────────────────────┘     memory / warnings / errors
 
 Where widgets cannot render (a notebook run headless, a terminal), the configurator's text/plain
 form is a readable summary of the settings and the counts.
@@ -25,10 +29,12 @@ import contextlib
 import copy
 import html
 import math
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import ipywidgets as W
+import traitlets
 import yaml
 
 from lora_nb.errors import ConfigFileError, LoraNbError, SettingsError, quote
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
 
 SLIDER_SPAN = 4096  # int ranges up to this wide become sliders; wider ones (seeds, sequence lengths) text boxes
 LOG_DECADES = 3  # positive float ranges spanning this many powers of ten or more get a log-scale slider
+POW2_RATIO = 1000  # int ranges from >= 1 whose max/min reaches this get a powers-of-two slider (r, alpha, batch)
 EXPORT_FORMS = ("kit", "axolotl", "lora", "peft", "python")
 EXPORT_FILES = {  # default file names in the run folder, one per export form
     "kit": "configured.yaml", "axolotl": "configured-axolotl.yaml", "lora": "configured-lora.yaml",
@@ -52,10 +59,144 @@ EXPORT_TITLES = {"kit": "kit YAML", "axolotl": "axolotl YAML", "lora": "lora: YA
                  "python": "Python"}
 TAB_TITLES = ("LoRA", "Targets", "Quantization", "Training", "Export")
 _NO_PRESET = "(choose a preset)"
-_WIDE = W.Layout(width="460px")
-_STYLE = {"description_width": "170px"}
+_WIDE = W.Layout(width="500px")
+_STYLE = {"description_width": "205px"}  # the longest name, per_device_train_batch_size, fits uncut
+_TABS_WIDTH = "640px"  # fixed, so the live panel beside the tabs stays put when another tab opens
 
 Key = tuple[str, str]  # (section, field), section "" for KitSettings' own fields
+
+
+class StepSlider(W.HBox):
+    """A slider over the usual values (powers of two) with a box beside it for any other value.
+
+    A linear 1-1024 slider crams 8, 16 and 32 into its first pixels, and a small drag jumps r from 20
+    to 125. Here the stops are the powers of two in the allowed range, evenly spaced. A value typed into
+    the box need not be a stop (20, or one outside the range, which the live panel then reports): it
+    joins the stops while it is shown. ``value`` is the one value both parts show.
+    """
+
+    value = traitlets.Any()
+
+    def __init__(self, lo: int, hi: int, **common: Any):
+        self.stops = [2**k for k in range(hi.bit_length()) if lo <= 2**k <= hi]
+        self.slider = W.SelectionSlider(options=self.stops, continuous_update=False, **common)
+        self.box = W.IntText(layout=W.Layout(width="80px"), tooltip=common.get("tooltip", ""))
+        self._syncing = False
+        super().__init__([self.slider, self.box])  # no tooltip on the box itself: its view cannot show one
+        self.slider.observe(self._from_part, names="value")
+        self.box.observe(self._from_part, names="value")
+        self.value = self.stops[0]
+
+    @property
+    def disabled(self) -> bool:
+        """Whether both parts are disabled."""
+        return self.slider.disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self.slider.disabled = self.box.disabled = value
+
+    @traitlets.observe("value")
+    def _show(self, change: dict[str, Any]) -> None:
+        value = change["new"]
+        if not isinstance(value, int) or isinstance(value, bool):
+            return  # not a number: the draft keeps it and the panel reports it
+        self._syncing = True
+        try:
+            options = sorted({*self.stops, value})
+            if list(self.slider.options) != options:
+                self.slider.options = options
+            self.slider.value = value
+            self.box.value = value
+        finally:
+            self._syncing = False
+
+    def _from_part(self, change: dict[str, Any]) -> None:
+        if not self._syncing:
+            self.value = change["new"]
+
+
+def inactive_reasons(settings: KitSettings) -> dict[Key, str]:
+    """Knobs that do nothing with the current choice, each with the reason (their controls are disabled).
+
+    Args:
+        settings: The settings as shown.
+
+    Returns:
+        ``(section, field)`` -> a short reason, e.g. the ``bnb_4bit_*`` knobs while ``load_in`` is not 4bit.
+    """
+    reasons: dict[Key, str] = {}
+    load_in = settings.quant.load_in
+    if load_in != "4bit":
+        for spec in field_specs(SECTIONS["quant"]):
+            if spec.name.startswith("bnb_4bit_"):
+                reasons[("quant", spec.name)] = f"only used with load_in: 4bit (now: {load_in})"
+    if settings.lora.init_lora_weights != "loftq":
+        reasons[("lora", "loftq_bits")] = (f"only used with init_lora_weights: loftq "
+                                           f"(now: {settings.lora.init_lora_weights})")
+    return reasons
+
+
+class SaveBar:
+    """The panel's Save button: writes the settings that ``03_train.ipynb`` trains with, and says where and when.
+
+    Saving is the learner's own act: nothing is written until the button is pressed (or
+    :meth:`LoraConfigurator.save` is called), so "Run All" never saves defaults as if they were chosen, and
+    the bar says when the shown settings differ from the saved ones.
+
+    Args:
+        path: The file the button writes (``<run_dir>/configured.yaml``).
+        save: Writes the current settings there; returns the path (raises the kit's errors).
+        current: The settings as currently shown.
+    """
+
+    def __init__(self, path: Path, save: Callable[[], Path], current: Callable[[], KitSettings]):
+        self.path = path
+        self._save, self._current = save, current
+        self.saved: KitSettings | None = None  # what the button last wrote
+        self.saved_at: float | None = None
+        self.button = W.Button(description="Save for training", icon="save", button_style="primary",
+                               tooltip=f"Write the settings shown to {path}, which 03_train.ipynb trains with")
+        self.button.add_class("lora-nb-save-settings")
+        self.button.on_click(lambda _b: self.press())
+        self.status = _html("lora-nb-save-status")
+        self.widget = W.VBox([self.button, self.status])
+
+    def press(self) -> None:
+        """Saves, then shows the absolute path and the time (or the problem)."""
+        try:
+            path = self._save()
+        except (LoraNbError, OSError) as err:
+            self.status.value = f"<span style='color:#b00'>not saved: {html.escape(str(err))}</span>"
+            return
+        self.path, self.saved, self.saved_at = path, self._current(), time.time()
+        self.show(errors=[])
+
+    def show(self, errors: Sequence[str]) -> None:
+        """Updates the status line for the current settings."""
+        self.button.disabled = bool(errors)
+        text, color = self.state()
+        if errors:
+            text += " Fix the errors below to save."
+        self.status.value = f"<small style='color:{color}'>{html.escape(text)}</small>"
+
+    def state(self) -> tuple[str, str]:
+        """The save state in words (saved where and when, changed since, or not saved yet), and its colour."""
+        where = str(self.path.resolve())
+        if self.saved is None:
+            return f"Not saved yet. 03_train.ipynb trains with {where} {_saved_when(self.path)}", "#333"
+        at = time.strftime("%H:%M:%S", time.localtime(self.saved_at))
+        if self._current() != self.saved:
+            return (f"Changed since saved at {at}: press Save again, or 03_train.ipynb trains with the saved "
+                    f"settings in {where}.", "#a60")
+        return f"Saved at {at} to {where}; 03_train.ipynb trains with it.", "#070"
+
+
+def _saved_when(path: Path) -> str:
+    if path.is_file():
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        return f"(that file was saved earlier, on {stamp}; press Save to replace it with what you see)"
+    return "once you press Save; until then it uses the demo-cpu preset"
 
 
 class LoraConfigurator:
@@ -87,6 +228,7 @@ class LoraConfigurator:
         self._parse_errors: dict[Key, str] = {}
         self._keys: dict[int, Key] = {}  # id(widget) -> the field it edits
         self._help: dict[int, W.HTML] = {}  # id("?" toggle) -> its help panel
+        self._reasons: dict[Key, W.HTML] = {}  # field -> where the reason it is disabled shows
         self.controls: dict[str, W.Widget] = {}
         self.errors: list[str] = []
         self.warnings: list[str] = []
@@ -279,6 +421,7 @@ class LoraConfigurator:
         tabs = W.Tab(children=[lora_tab, targets_tab, self._field_rows("quant", field_specs(SECTIONS["quant"])),
                                self._field_rows("train", field_specs(SECTIONS["train"])), self._export_area()])
         tabs.titles = TAB_TITLES
+        tabs.layout = W.Layout(width=_TABS_WIDTH, min_width=_TABS_WIDTH)
         tabs.add_class("lora-nb-tabs")
         tabs.observe(self._on_change, names="selected_index")  # exports are written when their tab opens
         self._tabs = tabs
@@ -297,9 +440,10 @@ class LoraConfigurator:
         self._warnings_html = _html("lora-nb-warnings")
         self._errors_html = _html("lora-nb-errors")
         self._message_html = _html("lora-nb-message")
-        panel = W.VBox([W.HTML("<b>Live check</b>"), self._trainable_html, self._memory_html,
+        self.save_bar = SaveBar(self.run_dir / EXPORT_FILES["kit"], lambda: self.save("kit"), lambda: self.draft)
+        panel = W.VBox([W.HTML("<b>Live check</b>"), self.save_bar.widget, self._trainable_html, self._memory_html,
                         self._warnings_html, self._errors_html, self._message_html],
-                       layout=W.Layout(width="400px", border="1px solid #ccc", padding="6px"))
+                       layout=W.Layout(width="400px", min_width="400px", border="1px solid #ccc", padding="6px"))
         panel.add_class("lora-nb-panel")
         root = W.VBox([W.VBox([model_row, self._preset]), W.HBox([tabs, panel])])
         root.add_class("lora-nb-configurator")
@@ -329,7 +473,10 @@ class LoraConfigurator:
         panel.add_class("lora-nb-help")
         self._help[id(toggle)] = panel
         toggle.observe(self._on_change, names="value")
-        return W.VBox([W.HBox([control, toggle]), panel])
+        reason = W.HTML(layout=W.Layout(display="none"))
+        reason.add_class("lora-nb-inactive-reason")
+        self._reasons[(section, spec.name)] = reason
+        return W.VBox([W.HBox([control, toggle]), panel, reason])
 
     def _register(self, control: W.Widget, key: Key) -> None:
         self._keys[id(control)] = key
@@ -338,7 +485,8 @@ class LoraConfigurator:
     def _target_picker(self) -> W.Widget:
         t = self._targets
         self._all_linear = W.Checkbox(description="all linear (every linear layer but the output head)",
-                                      indent=False, tooltip="target_modules='all-linear'")
+                                      indent=False, tooltip="target_modules='all-linear'",
+                                      style={"description_width": "initial"}, layout=W.Layout(width="auto"))
         self._all_linear.add_class("lora-nb-all-linear")
         self._register(self._all_linear, ("lora", "target_modules"))
         self._target_boxes: dict[str, W.Checkbox] = {}
@@ -391,7 +539,7 @@ class LoraConfigurator:
         self._export_path: dict[str, W.Text] = {}
         pages = []
         for form in EXPORT_FORMS:
-            text = W.Textarea(layout=W.Layout(width="560px", height="300px"))
+            text = W.Textarea(layout=W.Layout(width="600px", height="300px"))
             text.add_class(f"lora-nb-export-{form}")
             path = W.Text(value=str(self.run_dir / EXPORT_FILES[form]), description="file", layout=_WIDE)
             path.add_class(f"lora-nb-save-path-{form}")
@@ -595,6 +743,8 @@ class LoraConfigurator:
                 errors.append(f"could not count parameters: {err}")
         self.errors, self.warnings = errors, warnings
         self._show_panel()
+        self._show_inactive()
+        self.save_bar.show(errors)
         if self._tabs.selected_index == TAB_TITLES.index("Export"):
             self._show_exports()
 
@@ -610,6 +760,15 @@ class LoraConfigurator:
         self._memory_html.value = _memory_html(self.memory) if self.memory is not None else ""
         self._warnings_html.value = _list_html("Warnings", self.warnings, "#a60")
         self._errors_html.value = _list_html("Errors", self.errors, "#b00")
+
+    def _show_inactive(self) -> None:
+        """Disables the knobs that do nothing with the current choice and shows why beside them."""
+        reasons = inactive_reasons(self._draft)
+        for key, note in self._reasons.items():
+            reason = reasons.get(key, "")
+            self.controls[_label(key)].disabled = bool(reason)
+            note.value = f"<small style='color:#777'>{html.escape(_label(key))}: {html.escape(reason)}</small>"
+            note.layout.display = "block" if reason else "none"
 
     def _show_message(self) -> None:
         self._message_html.value = self.message
@@ -645,6 +804,8 @@ def _control_for(spec: FieldSpec) -> W.Widget:
     if spec.type is bool:
         return W.Checkbox(indent=False, **common)
     if spec.type is int:
+        if lo is not None and hi is not None and lo >= 1 and hi / lo >= POW2_RATIO:
+            return StepSlider(int(lo), int(hi), **common)
         if lo is not None and hi is not None and hi - lo <= SLIDER_SPAN:
             return W.IntSlider(min=int(lo), max=int(hi), continuous_update=False, **common)
         return W.BoundedIntText(min=int(lo) if lo is not None else -(2**53), max=int(hi) if hi is not None else 2**53,

@@ -1,4 +1,5 @@
-"""The configurator in a real browser: JupyterLab + headless Chromium run notebook 02 and move the r slider.
+"""The configurator in a real browser: JupyterLab + headless Chromium run notebook 02, move the r slider, press
+Save, then run notebook 03's settings cell and read the new r on the page (the 02 -> 03 hand-off).
 
 Follows the recipe measured in FACTS.md: Debian's Chromium binary driven by Playwright (no
 ``playwright install``), JupyterLab with temporary config/data/runtime folders, a free port and a
@@ -25,6 +26,7 @@ import pytest
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # the real binary; the /usr/bin wrapper fails here
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "02_configure_lora.ipynb"
+TRAIN_NOTEBOOK = REPO / "notebooks" / "03_train.ipynb"
 
 pytestmark = [
     pytest.mark.browser,
@@ -55,7 +57,8 @@ def lab(tmp_path):
     """A JupyterLab server on a free port, with this venv's Python as the `python3` kernel."""
     root, home = tmp_path / "root", tmp_path / "jupyter"
     (root / "notebooks").mkdir(parents=True)
-    shutil.copy(NOTEBOOK, root / "notebooks" / NOTEBOOK.name)  # ../runs/ of the notebook lands in root/runs
+    for notebook in (NOTEBOOK, TRAIN_NOTEBOOK):  # ../runs/ of the notebooks lands in root/runs
+        shutil.copy(notebook, root / "notebooks" / notebook.name)
     settings_dir = home / "user-settings"
     _write_json(settings_dir / "@jupyterlab/apputils-extension/notification.jupyterlab-settings",
                 {"fetchNews": "false", "checkForUpdates": False})
@@ -98,8 +101,17 @@ def lab(tmp_path):
         log.close()
 
 
-def test_configurator_renders_and_r_slider_changes_the_trainable_count(lab, tmp_path):
+def _screenshot(page, tmp_path, name: str) -> None:
+    """Keeps a screenshot in runs/ for a person to look at."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot))
+    (REPO / "runs").mkdir(exist_ok=True)
+    shutil.copy(shot, REPO / "runs" / name)
+
+
+def test_r_slider_save_button_and_03_reads_the_saved_r(lab, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+    saved = lab["root"] / "runs" / "configured.yaml"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
@@ -112,30 +124,44 @@ def test_configurator_renders_and_r_slider_changes_the_trainable_count(lab, tmp_
             count.wait_for(timeout=90_000)
             before = count.inner_text()
             assert before.startswith("4,884,480 of "), before  # demo-cpu preset: r 16, all-linear
+            page.wait_for_function(KERNEL_IDLE, timeout=90_000)  # Run All finished
+            assert not saved.exists()  # Run All saves nothing: saving is the learner's act
 
             configurator = page.locator(".lora-nb-configurator")
             configurator.scroll_into_view_if_needed()
+            (REPO / "runs").mkdir(exist_ok=True)
+            (REPO / "runs" / "browser-configurator.html").write_text(configurator.inner_html())
             handle = page.locator(".lora-nb-r .noUi-handle")
-            assert float(handle.get_attribute("aria-valuenow")) == 16
             handle.focus()
-            page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")  # the next power of two: 16 -> 32
             page.wait_for_function(
                 "(old) => { const e = document.querySelector('.lora-nb-trainable-count');"
                 " return e && e.textContent !== old; }", arg=before, timeout=30_000)
             after = count.inner_text()
-            assert float(handle.get_attribute("aria-valuenow")) == 17
-            assert after.startswith(f"{4_884_480 // 16 * 17:,} of "), after  # r * (in + out): linear in r
+            assert after.startswith(f"{4_884_480 * 2:,} of "), after  # r * (in + out): linear in r
+            assert page.locator(".lora-nb-r input").input_value() == "32"  # the typed box follows
 
+            page.locator(".lora-nb-save-settings").click()
+            status = page.locator(".lora-nb-save-status")
+            page.wait_for_function("() => document.querySelector('.lora-nb-save-status').textContent"
+                                   ".includes('Saved at')", timeout=30_000)
+            assert str(saved) in status.inner_text()
             configurator.scroll_into_view_if_needed()
             page.wait_for_timeout(300)
-            shot = tmp_path / "browser-configurator.png"
-            page.screenshot(path=str(shot))
-            (REPO / "runs").mkdir(exist_ok=True)
-            shutil.copy(shot, REPO / "runs" / "browser-configurator.png")
-            saved = lab["root"] / "runs" / "configured.yaml"  # written by the notebook's last cell
-            deadline = time.monotonic() + 30
-            while not saved.exists() and time.monotonic() < deadline:
-                time.sleep(0.3)
-            assert saved.exists()
+            _screenshot(page, tmp_path, "browser-configurator.png")
+
+            page.goto(f"{lab['url']}/lab/tree/notebooks/{TRAIN_NOTEBOOK.name}?reset&token={lab['token']}")
+            page.wait_for_function(KERNEL_IDLE, timeout=60_000)
+            for _ in range(3):  # title, "Settings and model", then the settings cell
+                page.evaluate("window.jupyterapp.commands.execute('notebook:run-cell-and-select-next')")
+            page.wait_for_function("() => [...document.querySelectorAll('.jp-OutputArea-output')]"
+                                   ".some(e => e.textContent.includes('lora_alpha'))", timeout=120_000)
+            output = page.locator(".jp-OutputArea-output", has_text="lora_alpha").first.inner_text()
+            assert "Training with the settings saved at" in output and "configured.yaml" in output, output
+            assert "r 32, lora_alpha 32, targets all-linear" in output, output
+            _screenshot(page, tmp_path, "browser-train-settings.png")
+        except Exception:
+            _screenshot(page, tmp_path, "browser-failure.png")  # what the page showed, for a person to look at
+            raise
         finally:
             browser.close()

@@ -13,7 +13,8 @@ import pytest  # noqa: E402
 
 from lora_nb.errors import RunFolderError  # noqa: E402
 from lora_nb.loading import Footprint  # noqa: E402
-from lora_nb.plots import LiveLossPlot, loss_points, plot_length_histogram, plot_losses, plot_memory  # noqa: E402
+from lora_nb.plots import (LiveLossPlot, loss_points, lr_points, plot_length_histogram, plot_losses,  # noqa: E402
+                           plot_memory, plot_nf4)
 
 HISTORY = [
     {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5},
@@ -110,3 +111,32 @@ def test_live_plot_updates_one_display_handle(monkeypatch):
     plot.on_log(None, state, None, logs={"loss": 1.0})
     assert [kind for kind, _ in shown] == ["display", "update"]
     assert plot.train == [(1, 2.0), (2, 1.5), (3, 1.0)]
+
+
+def test_learning_rate_is_shown_beside_the_loss(tmp_path):
+    history = [{"step": s, "loss": 2.0 / s, "learning_rate": lr} for s, lr in ((1, 0.0), (2, 1e-3), (3, 5e-4))]
+    fig = plot_losses(history)
+    assert len(fig.axes) == 2
+    lr_line = fig.axes[1].lines[0]
+    assert list(lr_line.get_xdata()) == [1, 2, 3] and list(lr_line.get_ydata()) == [0.0, 1e-3, 5e-4]
+    assert lr_points(history) == [(1, 0.0), (2, 1e-3), (3, 5e-4)]
+    plot = LiveLossPlot(display=False)
+    state = types.SimpleNamespace(log_history=[], max_steps=3, global_step=0)
+    plot.on_train_begin(None, state, None)
+    for record in history:
+        state.global_step = record["step"]
+        plot.on_log(None, state, None, logs={k: v for k, v in record.items() if k != "step"})
+    assert plot.lr == [(1, 0.0), (2, 1e-3), (3, 5e-4)]
+    assert list(plot.figure.axes[1].lines[0].get_ydata()) == [0.0, 1e-3, 5e-4]
+
+
+def test_nf4_plot_is_made_from_the_weights():
+    import torch
+
+    weight = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    fig = plot_nf4(weight, "q_proj", block=1)
+    left, middle, right = fig.axes
+    assert len(left.lines) == 16  # one line per NF4 level
+    original = list(middle.lines[0].get_ydata())
+    assert original == pytest.approx(weight.reshape(-1)[64:128].tolist())
+    assert len(right.patches) == 120

@@ -66,3 +66,19 @@ def test_find_and_latest_run_keep_finished_runs_with_adapters(tmp_path):
     assert find_runs(tmp_path) == [done] and latest_run(tmp_path) == done
     fresh = new_run_dir(tmp_path, "train")
     assert fresh.parent == tmp_path and fresh.name.startswith("train-") and not fresh.exists()
+
+
+def test_compare_runs_shows_n_and_says_when_heldout_sets_differ(tmp_path):
+    a = _fake_run(tmp_path / "thirty", 8, [2.0], 0.833)
+    b = _fake_run(tmp_path / "eight", 16, [2.0], 0.875)
+    for folder, n in ((a, 30), (b, 8)):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "n_examples": n}))
+    table = compare_runs([a, b])
+    assert [row["n"] for row in table] == [30, 8]
+    assert "different held-out sets (n = thirty: 30, eight: 8)" in table.note
+    page = table._repr_html_()
+    assert page.startswith("<p style='color:#a60'><b>Note:</b>") and "max-width:100%" in page
+    assert "lora.<wbr>r" in page and "0.833" in page
+    same = compare_runs([_fake_run(tmp_path / "c", 8, [2.0], 0.5), _fake_run(tmp_path / "d", 4, [2.0], 0.5)])
+    assert [row["n"] for row in same] == [4, 4] and same.note == "" and "Note" not in same._repr_html_()

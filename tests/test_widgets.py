@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from lora_nb.errors import SettingsError
 from lora_nb.settings import SECTIONS, KitSettings, LoraSettings, field_specs
-from lora_nb.widgets import TAB_TITLES, LoraConfigurator, plot_trainable_vs_rank, trainable_by_rank
+from lora_nb.widgets import (TAB_TITLES, LoraConfigurator, StepSlider, inactive_reasons, plot_trainable_vs_rank,
+                             trainable_by_rank)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,11 @@ def test_controls_are_generated_from_the_field_specs(conf):
         for spec in field_specs(cls):
             control = conf.controls[f"{section}.{spec.name}"]
             if spec.name not in ("target_modules", "layers_to_transform"):
-                assert spec.help in control.tooltip
-    assert isinstance(conf.controls["lora.r"], W.IntSlider)
-    assert (conf.controls["lora.r"].min, conf.controls["lora.r"].max) == (1, 1024)
+                assert spec.help in getattr(control, "slider", control).tooltip
+    for name in ("lora.r", "lora.lora_alpha", "train.per_device_train_batch_size"):
+        assert isinstance(conf.controls[name], StepSlider)
+    assert conf.controls["lora.r"].stops == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    assert conf.controls["lora.lora_alpha"].stops[-1] == 4096
     assert isinstance(conf.controls["train.learning_rate"], W.FloatLogSlider)
     assert isinstance(conf.controls["lora.bias"], W.Dropdown)
     assert [v for _, v in conf.controls["lora.bias"].options] == ["none", "all", "lora_only"]
@@ -278,9 +281,68 @@ def test_trainable_by_rank_is_exact_and_plots(model):
 
 
 def _rows(widget):
-    """Every help row (VBox of [HBox(control, toggle), help HTML]) under a widget."""
+    """Every help row (VBox of [HBox(control, toggle), help HTML, reason HTML]) under a widget."""
     for child in getattr(widget, "children", ()):
-        if (isinstance(child, W.VBox) and len(child.children) == 2 and isinstance(child.children[1], W.HTML)
+        if (isinstance(child, W.VBox) and len(child.children) == 3 and isinstance(child.children[1], W.HTML)
                 and isinstance(child.children[0], W.HBox) and len(child.children[0].children) == 2):
             yield child
         yield from _rows(child)
+
+
+def test_power_of_two_slider_moves_by_stops_and_takes_typed_values(conf, model):
+    r = conf.controls["lora.r"]
+    assert (r.slider.value, r.box.value) == (16, 16)
+    r.slider.value = 32  # one stop right of 16, as ArrowRight in the browser
+    assert conf.settings.lora.r == 32 and r.box.value == 32
+    r.box.value = 20  # typed, not a power of two: allowed, and shown on the slider too
+    assert conf.settings.lora.r == 20 and r.slider.value == 20 and 20 in r.slider.options
+    assert conf.trainable[0] == peft_count(model, conf.peft_config())
+    r.box.value = 2000  # beyond the range: kept in the draft, reported, never raised
+    assert conf.draft.lora.r == 2000 and any("lora.r" in e for e in conf.errors)
+    r.slider.value = 8
+    assert conf.errors == [] and r.box.value == 8 and 2000 not in r.slider.options
+    conf.set_settings(KitSettings(lora=LoraSettings(r=48, lora_alpha=96)))
+    assert (r.value, r.slider.value, conf.controls["lora.lora_alpha"].box.value) == (48, 48, 96)
+
+
+def test_knobs_without_effect_are_disabled_with_the_reason(conf):
+    conf.controls["quant.load_in"].value = "none"
+    for name in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"):
+        assert conf.controls[f"quant.{name}"].disabled
+        assert "only used with load_in: 4bit (now: none)" in conf._reasons[("quant", name)].value
+        assert conf._reasons[("quant", name)].layout.display == "block"
+    assert conf.controls["lora.loftq_bits"].disabled
+    conf.controls["quant.load_in"].value = "4bit"
+    assert not conf.controls["quant.bnb_4bit_quant_type"].disabled
+    assert conf._reasons[("quant", "bnb_4bit_quant_type")].layout.display == "none"
+    assert ("quant", "bnb_4bit_compute_dtype") not in inactive_reasons(conf.draft)
+    assert not conf.controls["quant.load_in"].disabled
+
+
+def test_tabs_and_panel_keep_their_width(conf):
+    tabs = conf._tabs
+    panel = conf.widget.children[1].children[1]
+    assert tabs.layout.width == tabs.layout.min_width and tabs.layout.width.endswith("px")
+    assert panel.layout.width == panel.layout.min_width == "400px"
+    widest = int(tabs.layout.width[:-2])
+    for form in conf._export_text:  # the widest page fits inside the fixed tab width
+        assert int(conf._export_text[form].layout.width[:-2]) < widest
+
+
+def test_nothing_is_saved_until_save_is_pressed(model, tmp_path):
+    conf = LoraConfigurator(model, run_dir=tmp_path)
+    saved = tmp_path / "configured.yaml"
+    assert not saved.exists() and "Not saved yet" in conf.save_bar.status.value
+    conf.controls["lora.r"].value = 8
+    assert not saved.exists()
+    conf.save_bar.button.click()
+    assert yaml.safe_load(saved.read_text())["lora"]["r"] == 8
+    status = conf.save_bar.status.value
+    assert "Saved" in status and str(saved.resolve()) in status
+    conf.controls["lora.r"].value = 64
+    assert "Changed since saved" in conf.save_bar.status.value
+    assert yaml.safe_load(saved.read_text())["lora"]["r"] == 8  # moving a knob saves nothing
+    conf.controls["lora.r"].value = 8
+    assert "Saved" in conf.save_bar.status.value
+    conf.controls["lora.r"].box.value = 2000
+    assert conf.save_bar.button.disabled and "Fix the errors" in conf.save_bar.status.value

@@ -1,0 +1,163 @@
+"""Workshop: what travels from one notebook to the next, said out loud, and a reset for the teacher.
+
+``02_configure_lora`` writes ``runs/configured.yaml`` only when the learner presses Save;
+``03_train`` trains with that file when it exists. :func:`training_choice` reads it and says what
+training will use (r, alpha, targets, quantization, learning rate, steps) and when it was saved,
+or that there is no saved file and the preset's defaults are used. :func:`reset_workshop` puts the
+folder back as a fresh clone has it, between two groups of learners. :func:`memory_report` says,
+before anything big is loaded, whether this session's memory (Binder gives 1-2 GB) is enough.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .pipeline import DEFAULT_PRESET, configure
+from .settings import ALL_LINEAR, KitSettings
+
+CONFIGURED = "configured.yaml"  # what the configurator's Save button writes in the run folder
+EXPORTS = ("configured.yaml", "configured-axolotl.yaml", "configured-lora.yaml", "adapter_config.json",
+           "configured_lora.py")  # the configurator's export files (widgets.EXPORT_FILES)
+
+NEEDED_BYTES = 2_000_000_000  # every notebook and the demo run under a 2 GB cap (tests/test_memory.py)
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+@dataclass
+class TrainingChoice:
+    """The settings a training notebook uses, and where they came from.
+
+    Attributes:
+        settings: The checked settings.
+        path: The saved file, or None when the preset's defaults are used.
+        saved_at: When the file was written (seconds since the epoch), or None.
+        preset: The preset used when there is no saved file.
+    """
+
+    settings: KitSettings
+    path: Path | None
+    saved_at: float | None
+    preset: str
+
+    def describe(self, now: float | None = None) -> str:
+        """Two lines: where the settings come from (and when they were saved), then the main values."""
+        if self.path is None:
+            head = (f"No saved settings (nothing saved with the Save button of 02_configure_lora): training with "
+                    f"the {self.preset!r} preset's defaults.")
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_at))
+            head = f"Training with the settings saved at {stamp} ({_ago(self.saved_at, now)}) in {self.path}."
+        return head + "\n  " + settings_line(self.settings)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def settings_line(settings: KitSettings) -> str:
+    """The values a learner changes most, in one line (r, alpha, targets, quantization, lr, steps, batch)."""
+    lo, qu, tr = settings.lora, settings.quant, settings.train
+    targets = lo.target_modules if lo.target_modules == ALL_LINEAR else "+".join(map(str, lo.target_modules))
+    quant = qu.load_in if qu.load_in != "4bit" else f"4bit ({qu.bnb_4bit_quant_type})"
+    steps = f"{tr.max_steps} steps" if tr.max_steps > 0 else f"{tr.num_train_epochs:g} epochs"
+    return (f"r {lo.r}, lora_alpha {lo.lora_alpha}, targets {targets}, quantization {quant}, "
+            f"learning rate {tr.learning_rate:g}, {steps}, batch {tr.per_device_train_batch_size}")
+
+
+def training_choice(root: str | Path = "runs", preset: str = DEFAULT_PRESET) -> TrainingChoice:
+    """The settings ``03_train`` trains with: ``<root>/configured.yaml`` when saved, else the preset.
+
+    Args:
+        root: The run folder root the configurator saved into.
+        preset: The preset used when nothing was saved.
+
+    Returns:
+        A :class:`TrainingChoice`; print it to show the learner what training uses.
+
+    Raises:
+        ConfigFileError, SettingsError: When the saved file cannot be read or holds invalid settings.
+    """
+    saved = Path(root).expanduser() / CONFIGURED
+    if saved.is_file():
+        return TrainingChoice(configure(saved), saved, saved.stat().st_mtime, preset)
+    return TrainingChoice(configure(preset=preset), None, None, preset)
+
+
+def reset_workshop(root: str | Path = "runs", keep_runs: bool = False) -> list[Path]:
+    """Puts the workshop back to a fresh start: removes the saved configuration and exports, and the runs.
+
+    Args:
+        root: The run folder root (``"../runs"`` from a notebook in ``notebooks/``).
+        keep_runs: Keep the trained run folders; remove only what the configurator saved.
+
+    Returns:
+        The paths removed.
+    """
+    root = Path(root).expanduser()
+    removed = []
+    for name in EXPORTS:
+        if (root / name).is_file():
+            (root / name).unlink()
+            removed.append(root / name)
+    if not keep_runs and root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "run.json").exists()):
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
+
+
+def memory_limit() -> tuple[int | None, str]:
+    """The memory this session may use, and where that number comes from.
+
+    Looks at Binder's ``MEM_LIMIT``, the cgroup limit (v2, then v1) and the machine's RAM, and
+    returns the smallest.
+
+    Returns:
+        ``(bytes, source)``; ``(None, reason)`` when nothing can be read.
+    """
+    found: list[tuple[int, str]] = []
+    if os.environ.get("MEM_LIMIT", "").isdigit():
+        found.append((int(os.environ["MEM_LIMIT"]), "MEM_LIMIT (Binder)"))
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            found.append((int(text), "cgroup limit"))
+    try:
+        found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    if not found:
+        return None, "unknown"
+    return min(found)
+
+
+def memory_report(needed: int = NEEDED_BYTES) -> str:
+    """One line: this session's memory against what the notebooks and the demo were measured to need."""
+    limit, source = memory_limit()
+    if limit is None:
+        return "memory: could not read this session's limit; the notebooks need up to 2 GB"
+    gb = limit / 1e9
+    if limit >= needed:
+        return f"memory: {gb:.1f} GB ({source}); every notebook and the demo fit in {needed / 1e9:.0f} GB"
+    return (f"memory: only {gb:.1f} GB ({source}), less than the {needed / 1e9:.0f} GB the notebooks were measured "
+            "in: 01's precision comparison and 04's merge load a second model and may be stopped (the kernel "
+            "restarts); run 02 and 03 alone, one at a time (shut down each notebook's kernel when done), or use "
+            "Colab or your own machine")
+
+
+def _ago(then: float | None, now: float | None = None) -> str:
+    seconds = max(0, int((now if now is not None else time.time()) - (then or 0)))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} minutes ago"
+    return f"{seconds // 3600} hours ago" if seconds < 2 * 86400 else f"{seconds // 86400} days ago"
+
+
+__all__ = ["TrainingChoice", "memory_limit", "memory_report", "reset_workshop", "settings_line", "training_choice"]

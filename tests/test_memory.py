@@ -1,0 +1,79 @@
+"""Binder's memory: the demo runs under a 2 GB cap.
+
+mybinder.org gives a session 1-2 GB. The demo command runs here inside a memory cgroup capped at
+2 GB (cgroup v2 or v1, where this process may create one, as root in a container); elsewhere under
+an address-space limit of the same size (``RLIMIT_AS``, what ``prlimit --as`` / ``ulimit -v`` set),
+which counts reserved-but-unused memory too, so it is the stricter of the two. The run must finish
+and write its metrics; the cgroup's peak usage is checked as well where it is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CAP = 2_000_000_000  # bytes: the top of what Binder gives
+
+pytestmark = pytest.mark.slow
+
+
+def _new_cgroup() -> Path | None:
+    """A fresh memory cgroup with the cap, or None where this process cannot make one."""
+    name = f"lora-nb-test-{uuid.uuid4().hex[:8]}"
+    for parent, limit_file in ((Path("/sys/fs/cgroup"), "memory.max"),
+                               (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")):
+        if not (parent / "cgroup.procs").exists() or not os.access(parent, os.W_OK):
+            continue
+        group = parent / name
+        try:
+            group.mkdir()
+            (group / limit_file).write_text(str(CAP))
+            if (group / "memory.swap.max").exists():  # v2: no swapping out of the cap
+                (group / "memory.swap.max").write_text("0")
+            return group
+        except OSError:
+            if group.exists():
+                group.rmdir()
+    return None
+
+
+def _peak(group: Path) -> int | None:
+    for name in ("memory.peak", "memory.max_usage_in_bytes"):
+        if (group / name).exists():
+            return int((group / name).read_text().split()[0])
+    return None
+
+
+def test_demo_runs_within_2gb(tmp_path):
+    out = tmp_path / "run"
+    group = _new_cgroup()
+
+    def enter_cap() -> None:
+        if group is not None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+        else:
+            resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    try:
+        done = subprocess.run([sys.executable, "-m", "lora_nb", "run", "--out", str(out), "--limit", "8"],
+                              env=env, cwd=tmp_path, preexec_fn=enter_cap, capture_output=True, text=True,
+                              timeout=1800)
+        peak = _peak(group) if group is not None else None
+    finally:
+        if group is not None:
+            group.rmdir()
+    assert done.returncode == 0, f"killed or failed under a {CAP / 1e9:g} GB cap:\n{done.stderr[-3000:]}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["heldout_loss"] < metrics["before"]["heldout_loss"]
+    if peak is not None:
+        assert peak <= CAP
+        print(f"peak memory of the demo in its cgroup: {peak / 1e9:.2f} GB")
