@@ -283,8 +283,7 @@ def train(
     """
     import torch
     import transformers
-    from .batching import LengthGroupedTrainer
-    from .data import PadCollator
+    from .batching import KitTrainer, packed_attention, plan_batches
 
     folder = RunFolder(run_dir)
     settings.train.check()
@@ -297,6 +296,9 @@ def train(
     train_set = _tokenized(train_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
     eval_set = None if eval_data is None else _tokenized(eval_data, tokenizer, t.max_seq_length, t.train_on_responses_only)
     overrides: dict[str, Any] = {}
+    plan = plan_batches(peft_model, t.padding_free)  # probes the model once; a path it fails falls back, with a warning
+    if plan.padding_free:
+        overrides["train_sampling_strategy"] = "random"  # packed rows hold no padding for length grouping to save
     if eval_set is None:
         overrides["eval_strategy"] = "no"
     if not torch.cuda.is_available():
@@ -323,21 +325,23 @@ def train(
         _trim_log(folder, folder.check_checkpoint(checkpoint))
         folder.write_run(status="running", resumed_from=checkpoint.name)
 
-    trainer = LengthGroupedTrainer(
+    trainer = KitTrainer(
         model=peft_model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=PadCollator(tokenizer),
+        data_collator=plan.collator(tokenizer),
         processing_class=tokenizer,
         callbacks=[_log_callback(folder), *callbacks],
+        plan=plan,
     )
     started = time.perf_counter()
     interrupted = False
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if eval_set is not None and t.eval_steps is None:
-            trainer.evaluate()
+        with packed_attention(peft_model, plan):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if eval_set is not None and t.eval_steps is None:
+                trainer.evaluate()
     except KeyboardInterrupt:
         interrupted = True
         _save_interrupted(trainer, folder)
