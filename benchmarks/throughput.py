@@ -504,7 +504,8 @@ def memory_child(arm: str, path: str, steps: int, batch_size: int, max_length: i
 
         with packed_attention(model, plan) if plan else contextlib.nullcontext():
             trainer.train()
-    return {"arm": arm, "steps": steps, "batch_size": batch_size, "max_length": max_length,
+    gpu = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
+    return {"arm": arm, "steps": steps, "batch_size": batch_size, "max_length": max_length, **gpu,
             "peak_rss_mb": _peak_rss_bytes() / 2**20, "base_rss_mb": base_rss / 2**20,
             "model_rss_mb": model_rss / 2**20, "tokens_per_batch_max": max(lengths) * batch_size}
 
