@@ -265,6 +265,18 @@ def packed_attention(model, plan: "BatchPlan"):
             base.set_attn_implementation(before)
 
 
+@contextlib.contextmanager
+def _probing(model):
+    """Eval mode (no dropout) for a probe forward, then the previous mode again."""
+    disable_cpu_weight_repacking(model)  # an eval forward must not repack 4-bit weights (see loading.py)
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _probe_examples(model) -> list[torch.Tensor]:
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
@@ -287,19 +299,15 @@ def check_padding_free(model) -> str | None:
     Returns:
         None when the logits agree (relative difference within `PROBE_TOLERANCE`), else the reason.
     """
-    disable_cpu_weight_repacking(model)  # the eval forward below must not repack 4-bit weights (loading.py)
     examples = _probe_examples(model)
-    was_training = model.training
-    model.eval()
     try:
-        alone = [model(input_ids=x[None], use_cache=False).logits[0].float() for x in examples]
-        row = torch.cat(examples)[None]
-        positions = torch.cat([torch.arange(len(x), device=row.device) for x in examples])[None]
-        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0].float()
+        with _probing(model):
+            alone = [model(input_ids=x[None], use_cache=False).logits[0].float() for x in examples]
+            row = torch.cat(examples)[None]
+            positions = torch.cat([torch.arange(len(x), device=row.device) for x in examples])[None]
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0].float()
     except (TypeError, ValueError, RuntimeError) as err:
         return f"the model does not take packed rows with position_ids ({type(err).__name__}: {err})"
-    finally:
-        model.train(was_training)
     diff = (packed - torch.cat(alone)).abs().max().item() / max(1.0, torch.cat(alone).abs().max().item())
     tolerance = PROBE_TOLERANCE.get(_compute_dtype(model), 2e-2)
     if diff > tolerance:
@@ -323,15 +331,12 @@ def check_head_loss(model) -> str | None:
     if head is None:
         return "the model has no output head (get_output_embeddings() is None)"
     x = torch.cat(_probe_examples(model))[None]
-    was_training = model.training
-    model.eval()
     try:
-        own = model(input_ids=x, labels=x, use_cache=False).loss.float().item()
-        chunked, _ = loss_sum(model, {"input_ids": x, "labels": x}, head=head)
+        with _probing(model):
+            own = model(input_ids=x, labels=x, use_cache=False).loss.float().item()
+            chunked, _ = loss_sum(model, {"input_ids": x, "labels": x}, head=head)
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
         return f"the loss through the head in chunks failed ({type(err).__name__}: {err})"
-    finally:
-        model.train(was_training)
     ours = chunked.item() / (x.shape[1] - 1)
     tolerance = PROBE_TOLERANCE.get(_compute_dtype(model), 2e-2)
     if abs(ours - own) > tolerance * max(1.0, abs(own)):
