@@ -216,3 +216,26 @@ def test_a_model_whose_attention_ignores_example_boundaries_falls_back_with_the_
 def test_padding_free_off_keeps_padded_batches_without_probing():
     plan = plan_batches(tiny_model("llama"), padding_free=False)
     assert plan == BatchPlan(padding_free=False, chunked_loss=True, notes=[])
+
+
+def test_a_4bit_qlora_model_takes_packed_rows_with_the_same_gradients(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from lora_nb.loading import load_model
+    from lora_nb.settings import QuantSettings
+
+    base, _ = load_model(tiny_model_dir, QuantSettings(load_in="4bit", bnb_4bit_compute_dtype="float32"))
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert plan_batches(model) == BatchPlan(padding_free=True, chunked_loss=True, notes=[])
+    features = [{"input_ids": x.tolist()} for x in _examples([6, 25, 14], 400, seed=4)]
+    trainer_args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
+    grads = []
+    for plan in (BatchPlan(False, True), BatchPlan(True, True)):
+        model.zero_grad()
+        with packed_attention(model, plan):
+            KitTrainer(model=model, args=trainer_args, plan=plan).compute_loss(model, plan.collator(0)(features)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][n], rtol=1e-3, atol=1e-5)
