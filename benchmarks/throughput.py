@@ -773,10 +773,10 @@ def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] =
             ds["summary"] = summarize(ds["runs"])
             save()
 
-    run_set("mixed")  # the acceptance measurements first: results are saved after every run
-    if memory_steps:
+    if memory_steps:  # the acceptance measurements first (the shortest first): results are saved after each
         report["memory"] = measure_memory(path, memory_steps, batch_size, max_length)
         save()
+    run_set("mixed")
     if long_tail:
         run_set("long_tail")
     if tmp is not None:
