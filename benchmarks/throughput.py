@@ -665,7 +665,7 @@ def render_markdown(r: dict) -> str:
             "", f"## {name}: {ds['description']}", "",
             f"{len(ds['runs'])} seed(s) ({', '.join(str(x['seed']) for x in ds['runs'])}); lengths of the first seed's "
             f"chats {first['lengths']['min']}-{first['lengths']['max']} tokens (mean {first['lengths']['mean']:.0f}, "
-            f"{first['lengths']['over_1000']} over 1,000), cut at {ds['max_length']}. Kit plan: padding-free "
+            f"{first['lengths']['over_1000']} over 1,000), cut at {ds['max_length']}, batch {ds['batch_size']}. Kit plan: padding-free "
             f"{first['plan']['padding_free']}, chunked loss {first['plan']['chunked_loss']}.",
             "",
             "| arm | real tokens / s (mean, min-max) | s / step | real share of positions | held-out loss (mean, min-max, sd) |",
@@ -712,7 +712,8 @@ def render_markdown(r: dict) -> str:
 
 def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2), batch_size: int = 8,
                   min_len: int = 20, max_len: int = 400, heldout: int = 8, threads: int | None = None,
-                  long_tail: bool = True, long_tail_seeds: int = 1, n_long: int = 4, memory_steps: int = 2,
+                  long_tail: bool = True, long_tail_seeds: int = 1, n_long: int = 4, long_tail_batch_size: int = 2,
+                  memory_steps: int = 2,
                   max_length: int = MAX_LENGTH, out_dir: Path | None = RESULTS_DIR, workdir: Path | None = None,
                   command: str = "") -> dict:
     """Run the whole benchmark and return the report as a dict (written to `out_dir` after every run).
@@ -727,7 +728,9 @@ def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] =
         heldout: held-out chats per run.
         threads: torch CPU threads (default: torch's choice).
         long_tail: also run the long-tail set (the mixed lengths plus `n_long` chats of 1,000-1,400
-            tokens, cut at `LONG_MAX_LENGTH`), with the first `long_tail_seeds` seeds.
+            tokens, cut at `LONG_MAX_LENGTH`), with the first `long_tail_seeds` seeds, at batch
+            `long_tail_batch_size` (the recipe pads a batch to its longest chat: 8 x 1,400 positions
+            would take about 35 GB on the demo model on CPU).
         memory_steps: steps of the peak-memory measurement per arm (0 = skip).
         max_length: truncation length of the mixed set and the memory measurement.
         out_dir: where report.md, report.json, results.csv and throughput.png go (None = nowhere).
@@ -747,11 +750,13 @@ def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] =
     path = model_path(model, work)
     tokenizer = _tokenizer(path)
     data_sets = {"mixed": {"description": f"chats of {min_len}-{max_len} tokens", "min_len": min_len,
-                           "max_len": max_len, "n_long": 0, "max_length": max_length, "seeds": list(seeds)}}
+                           "max_len": max_len, "n_long": 0, "max_length": max_length, "seeds": list(seeds),
+                           "batch_size": batch_size}}
     if long_tail:
         data_sets["long_tail"] = {"description": f"chats of {min_len}-{max_len} tokens and {n_long} of 1,000-1,400",
                                   "min_len": min_len, "max_len": max_len, "n_long": n_long,
-                                  "max_length": LONG_MAX_LENGTH, "seeds": list(seeds)[:long_tail_seeds]}
+                                  "max_length": LONG_MAX_LENGTH, "seeds": list(seeds)[:long_tail_seeds],
+                                  "batch_size": long_tail_batch_size}
     report = {"model": model, "model_path": path, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "threads": thread_settings(), "batch_size": batch_size, "steps": steps, "seeds": list(seeds),
               "heldout": heldout, "memory_max_length": max_length, "command": command or "python benchmarks/throughput.py",
@@ -769,7 +774,8 @@ def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] =
         ds = report["data_sets"][name]
         for seed in ds["seeds"]:
             print(f"{name}, seed {seed}:", flush=True)
-            ds["runs"].append(run_once(path, tokenizer, {**ds, "name": name}, seed, steps, batch_size, heldout, work))
+            ds["runs"].append(run_once(path, tokenizer, {**ds, "name": name}, seed, steps, ds["batch_size"], heldout,
+                                       work))
             ds["summary"] = summarize(ds["runs"])
             save()
 
@@ -797,6 +803,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-long-tail", action="store_true", help="skip the long-tail set")
     p.add_argument("--long-tail-seeds", type=int, default=1, help="how many of the seeds also run the long-tail set")
+    p.add_argument("--long-tail-batch-size", type=int, default=2, help="batch size of the long-tail set")
     p.add_argument("--memory-steps", type=int, default=2, help="steps of the peak-memory run per arm (0 = skip)")
     p.add_argument("--memory-child", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS_DIR))
@@ -810,7 +817,7 @@ def main(argv=None) -> dict:
         return row
     report = run_benchmark(a.model, a.steps, tuple(int(s) for s in a.seeds.split(",") if s), a.batch_size, a.min_len,
                            a.max_len, a.heldout, a.threads, not a.no_long_tail, a.long_tail_seeds,
-                           memory_steps=a.memory_steps, max_length=a.max_length, out_dir=Path(a.out),
+                           long_tail_batch_size=a.long_tail_batch_size, memory_steps=a.memory_steps, max_length=a.max_length, out_dir=Path(a.out),
                            command="python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(render_markdown(report))
     return report
