@@ -691,7 +691,14 @@ class TrainSettings:
         "data"))
     group_by_length: bool = field(default=True, metadata=_meta(
         "Batch examples of similar length together: less padding, faster steps (measured 1.58x real "
-        "tokens/s on chats of 20-400 tokens on CPU; benchmarks/results/report.md).",
+        "tokens/s on chats of 20-400 tokens on CPU; benchmarks/results/report.md). Used when batches are "
+        "padded, i.e. padding_free is off or the model cannot take packed rows.",
+        "data"))
+    padding_free: bool = field(default=True, metadata=_meta(
+        "Put each batch's examples one after another in a single row, with no padding, each example still "
+        "attending only to itself (position_ids restart per example): no compute goes to padding. Checked on "
+        "the model before training; a model that cannot take packed rows falls back to padded batches with "
+        "a warning. Loss and gradients are those of the same examples padded (benchmarks/results/report.md).",
         "data"))
 
     def problems(self) -> list[str]:

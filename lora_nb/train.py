@@ -447,8 +447,7 @@ def train(
     """
     import torch
     import transformers
-    from .batching import LengthGroupedTrainer
-    from .data import PadCollator
+    from .batching import KitTrainer, packed_attention, plan_batches
     from .loading import disable_cpu_weight_repacking
 
     folder = RunFolder(run_dir)
@@ -470,6 +469,9 @@ def train(
     peft_model = _with_adapter(model, settings)
 
     overrides: dict[str, Any] = {}
+    plan = plan_batches(peft_model, t.padding_free)  # probes the model once; a path it fails falls back, with a warning
+    if plan.padding_free:
+        overrides["train_sampling_strategy"] = "random"  # packed rows hold no padding for length grouping to save
     if eval_set is None:
         overrides["eval_strategy"] = "no"
     if not torch.cuda.is_available():
@@ -480,22 +482,24 @@ def train(
         checkpoint = _resume_or_fresh(folder, model, adapter, resume)
         initial = _start_run(folder, settings, peft_model, checkpoint)
 
-        trainer = LengthGroupedTrainer(
+        trainer = KitTrainer(
             model=peft_model,
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=PadCollator(tokenizer),
+            data_collator=plan.collator(tokenizer),
             processing_class=tokenizer,
             callbacks=[_log_callback(folder), *callbacks],
+            plan=plan,
         )
         _readable_progress(trainer)
         started = time.perf_counter()
         interrupted = False
         try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-            if eval_set is not None and t.eval_steps is None:
-                trainer.evaluate()
+            with packed_attention(peft_model, plan):
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                if eval_set is not None and t.eval_steps is None:
+                    trainer.evaluate()
         except KeyboardInterrupt:
             interrupted = True
             _save_interrupted(trainer, folder)
