@@ -35,3 +35,7 @@ class DataError(LoraNbError, ValueError):
 
 class RunFolderError(LoraNbError, OSError):
     """A run folder is missing, corrupt, from another model, or cannot be written."""
+
+
+class ExportError(LoraNbError, ValueError):
+    """A model cannot be exported (unsupported architecture, tokenizer or type) or the export cannot be written."""

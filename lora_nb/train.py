@@ -225,6 +225,26 @@ def _same_model(saved: dict, current: dict) -> bool:
     return a == b or Path(a.rstrip("/")).name == Path(b.rstrip("/")).name
 
 
+# ------------------------------------------------------------------------------------ processes
+def is_main_process() -> bool:
+    """Whether this process writes files: always when alone, rank 0 of `accelerate launch` / torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _sync_processes(args) -> bool:
+    """Wait until every process has checked the run folder (so none sees rank 0's first writes as an old
+    run); returns `is_main_process()`. `args.world_size` starts the process group under a launcher."""
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return is_main_process()
+
+
 # ------------------------------------------------------------------------------------ callbacks
 def _log_callback(folder: RunFolder):
     from transformers import TrainerCallback
@@ -301,18 +321,21 @@ def train(
         overrides["eval_strategy"] = "no"
     if not torch.cuda.is_available():
         overrides["use_cpu"] = True
+    # Under DDP: every adapter weight takes part in each forward, so DDP need not search for unused ones.
+    overrides["ddp_find_unused_parameters"] = False
     args = settings.to_training_args(str(folder.path), **overrides)
 
     try:
         folder.path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _cannot_write(folder.path, err) from err
-    if checkpoint is None:
+    main = _sync_processes(args)  # under `accelerate launch` only rank 0 writes the run folder
+    if main and checkpoint is None:
         write_text_atomic(folder.settings_file, settings_yaml(settings))
         folder.log_file.unlink(missing_ok=True)
         folder.write_run(model=model_fingerprint(peft_model), model_name_or_path=settings.model_name_or_path,
                          created=time.strftime("%Y-%m-%d %H:%M:%S"), status="running")
-    else:
+    elif main:
         if folder.settings_file.exists() and folder.settings_file.read_text(encoding="utf-8") != settings_yaml(settings):
             warnings.warn(
                 f"The settings differ from the ones saved in {folder.settings_file}; the resumed steps use the "
@@ -344,14 +367,14 @@ def train(
     seconds = time.perf_counter() - started
 
     adapter_dir = None
-    if trainer.state.global_step > 0:
+    if main and trainer.state.global_step > 0:
         adapter_dir = save_adapter(peft_model, folder.adapter_dir)
         write_text_atomic(folder.path / "trainer_state.json",
                           json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True, default=str) + "\n")
     step, max_steps = trainer.state.global_step, trainer.state.max_steps
     status = "interrupted" if interrupted else ("stopped" if step < max_steps else "finished")  # stopped: by a callback
-    folder.write_run(status=status, global_step=step,
-                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if main:
+        folder.write_run(status=status, global_step=step, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     history = list(trainer.state.log_history)
     return TrainResult(
         run_dir=folder.path,
