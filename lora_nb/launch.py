@@ -18,6 +18,7 @@ turns on FSDP or DeepSpeed (`accelerate config` writes one).
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Sequence
@@ -60,6 +61,15 @@ def launch_command(processes: int, run_args: Sequence[str] = (), cpu: bool = Fal
         command += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                     "--dynamo_backend", "no"]
     return command + ["-m", "lora_nb", "run", *run_args]
+
+
+def process_device_map() -> str | dict[str, int]:
+    """Where `from_pretrained` puts a model on GPUs: "auto" (spread over all of them) in a single
+    process; under `accelerate launch` / torchrun a whole copy on this process's own GPU
+    (`{"": LOCAL_RANK}`), since DDP needs one complete model per process (4-bit ones included)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return "auto"
 
 
 def format_command(command: Sequence[str]) -> str:

@@ -84,6 +84,16 @@ def test_launch_sub_command_prints_and_checks_run_arguments(capsys):
         main(["run", "--gpus", "2"])
 
 
+def test_each_process_keeps_its_model_on_its_own_gpu(monkeypatch):
+    from lora_nb.launch import process_device_map
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert process_device_map() == "auto"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device_map() == {"": 3}
+
+
 # ------------------------------------------------------------------------------ the same examples per step
 def test_accumulation_trains_on_the_same_examples_as_the_bigger_batch(tiny_model_dir, tmp_path):
     # The length-grouped sampler groups the examples of one optimizer step, so how a step is cut
@@ -130,3 +140,4 @@ def test_two_processes_match_one_process_and_resume(tiny_model_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["resumed_from"] == "checkpoint-2" and run["status"] == "finished"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
