@@ -312,7 +312,13 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, config) -> None:
     spec = _tokenizer_json(tokenizer)
     pre = pre_tokenizer_name(tokenizer)
     vocab = tokenizer.get_vocab()
-    size = max(config.vocab_size, len(vocab))
+    size = config.vocab_size  # rows of the embedding; llama.cpp wants one token per row
+    if max(vocab.values()) >= size:
+        raise ExportError(
+            f"The tokenizer has token ids up to {max(vocab.values())} but the model's embedding has {size} rows, "
+            "so llama.cpp would refuse the file. Call model.resize_token_embeddings(len(tokenizer)) before "
+            "training or merging."
+        )
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}

@@ -194,6 +194,17 @@ def test_unwritable_target_is_an_export_error(tiny_model_dir, tmp_path):
         export_gguf(tiny_model_dir, blocker / "model.gguf")
 
 
+def test_tokenizer_larger_than_the_embedding_is_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    tokenizer.save_pretrained(tmp_path / "model")
+    with pytest.raises(ExportError, match="resize_token_embeddings"):
+        export_gguf(tmp_path / "model", tmp_path / "out.gguf")
+
+
 # ------------------------------------------------------------------------------ demo model (slow)
 @pytest.mark.slow
 def test_demo_model_round_trip(demo_model_dir, tmp_path):
@@ -216,3 +227,4 @@ def test_demo_model_round_trip(demo_model_dir, tmp_path):
     for check in (f16, q8):
         assert check.chat_template_same and check.end_of_turn == "<|im_end|>" and check.end_of_turn_same
     assert "PARAMETER stop \"<|im_end|>\"" in result.modelfile.read_text()
+
