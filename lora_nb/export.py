@@ -556,28 +556,50 @@ def check_round_trip(model_dir: str | Path, gguf_file: str | Path, prompts: Sequ
     Returns:
         A `RoundTrip`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return check_round_trips(model_dir, [gguf_file], prompts, max_new_tokens)[0]
 
-    gguf_file = Path(gguf_file).expanduser()
+
+def check_round_trips(model_dir: str | Path, gguf_files: Sequence[str | Path],
+                      prompts: Sequence[str | Sequence[dict]], max_new_tokens: int = 24) -> list[RoundTrip]:
+    """`check_round_trip` for several GGUF files of one model: its answers are generated once.
+
+    Returns:
+        One `RoundTrip` per file, in order.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
     tokenizer = _load_tokenizer(Path(model_dir))
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
-    loaded_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     chats = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-    worst, agree, total, same_tokens = 0.0, 0, 0, 0
+    answers = []  # (prompt length, prompt + greedy answer, the reference's logits over it)
     with torch.no_grad():
         for text in texts:
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            same_tokens += loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
             answer = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            a, b = reference(answer).logits[0], loaded(answer).logits[0]
-            worst = max(worst, (a - b).abs().max().item())
-            start = ids.shape[1] - 1  # the logits at position i predict token i + 1
-            agree += (b[start:-1].argmax(-1) == answer[0, start + 1:]).sum().item()
-            total += answer.shape[1] - ids.shape[1]
+            answers.append((ids.shape[1], answer, reference(answer).logits[0]))
+    del reference
+    return [_compare(tokenizer, texts, answers, Path(f).expanduser()) for f in gguf_files]
+
+
+def _compare(tokenizer, texts: list[str], answers: list, gguf_file: Path) -> RoundTrip:
+    """One GGUF file against the reference's answers and logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    worst, agree, total = 0.0, 0, 0
+    with torch.no_grad():
+        for n, answer, expected in answers:
+            logits = loaded(answer).logits[0]
+            worst = max(worst, (expected - logits).abs().max().item())
+            agree += (logits[n - 1:-1].argmax(-1) == answer[0, n:]).sum().item()  # logits at i predict token i + 1
+            total += answer.shape[1] - n
+    same = sum(loaded_tokenizer(t, add_special_tokens=False)["input_ids"]
+               == tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
     eot = end_of_turn_token(tokenizer)
     eot_id = gguf_eot_id(gguf_file)
     return RoundTrip(
@@ -589,7 +611,7 @@ def check_round_trip(model_dir: str | Path, gguf_file: str | Path, prompts: Sequ
         end_of_turn=eot,
         end_of_turn_same=eot is not None and eot_id == tokenizer.convert_tokens_to_ids(eot)
         and loaded_tokenizer.convert_ids_to_tokens(eot_id) == eot,
-        prompts_tokenized_same=same_tokens / len(texts) if texts else 1.0,
+        prompts_tokenized_same=same / len(texts) if texts else 1.0,
     )
 
 

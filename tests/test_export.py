@@ -14,7 +14,7 @@ from lora_nb.errors import ExportError
 from lora_nb.evaluate import prompts_and_references
 from lora_nb.demo_task import demo_data_paths
 from lora_nb.export import (
-    OLLAMA_CHATML_TEMPLATE, check_round_trip, end_of_turn_token, export_gguf, export_run, gguf_eot_id,
+    OLLAMA_CHATML_TEMPLATE, check_round_trip, check_round_trips, end_of_turn_token, export_gguf, export_run, gguf_eot_id,
     modelfile_text, pre_tokenizer_name,
 )
 
@@ -85,13 +85,14 @@ def test_f32_round_trip_is_exact(exported, prompts):
     assert result.max_logit_difference == 0.0
 
 
-@pytest.mark.parametrize("gguf_type, bound", [("f16", F16_BOUND), ("q8_0", Q8_BOUND)])
-def test_round_trip_keeps_logits_tokens_template_and_end_of_turn(exported, prompts, gguf_type, bound):
-    result = check_round_trip(exported.merged_dir, exported.gguf_files[gguf_type], prompts, max_new_tokens=12)
-    assert 0 < result.max_logit_difference < bound
-    assert result.token_agreement >= 0.99 and result.answer_tokens >= len(prompts)
-    assert result.chat_template_same and result.prompts_tokenized_same == 1.0
-    assert result.end_of_turn == "<|im_end|>" and result.end_of_turn_same
+def test_round_trip_keeps_logits_tokens_template_and_end_of_turn(exported, prompts):
+    files = [exported.gguf_files["f16"], exported.gguf_files["q8_0"]]
+    for result, bound in zip(check_round_trips(exported.merged_dir, files, prompts, max_new_tokens=12),
+                             (F16_BOUND, Q8_BOUND)):
+        assert 0 < result.max_logit_difference < bound
+        assert result.token_agreement >= 0.99 and result.answer_tokens >= len(prompts)
+        assert result.chat_template_same and result.prompts_tokenized_same == 1.0
+        assert result.end_of_turn == "<|im_end|>" and result.end_of_turn_same
 
 
 def test_merged_model_differs_from_base(exported, tiny_model_dir, prompts):
@@ -219,8 +220,7 @@ def test_demo_model_round_trip(demo_model_dir, tmp_path):
     train(model, tokenizer, demo_data_paths()[0], settings, tmp_path / "run")
     result = export_run(tmp_path / "run", tmp_path / "export", ("f16", "q8_0"), base=demo_model_dir)
     prompts = prompts_and_references(demo_data_paths()[1], limit=8)[0]
-    f16 = check_round_trip(result.merged_dir, result.gguf_files["f16"], prompts, max_new_tokens=24)
-    q8 = check_round_trip(result.merged_dir, result.gguf_files["q8_0"], prompts, max_new_tokens=24)
+    f16, q8 = check_round_trips(result.merged_dir, list(result.gguf_files.values()), prompts, max_new_tokens=24)
     print(f16.to_dict(), q8.to_dict())
     assert f16.max_logit_difference < DEMO_F16_BOUND
     assert f16.token_agreement >= 0.99 and q8.token_agreement >= 0.99
