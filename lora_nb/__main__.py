@@ -4,6 +4,7 @@
     python -m lora_nb run --config my.yaml --out runs/mine # the kit's YAML or an axolotl config
     python -m lora_nb run --model path/to/model --data train.jsonl --heldout test.jsonl
     python -m lora_nb run --preset qlora-walkthrough --r 16 --alpha 32 --lr 2e-4 --steps 40
+    python -m lora_nb launch --gpus 4 --config my.yaml     # prints the `accelerate launch` command (DDP)
 
 Every argument is checked before the model is loaded (`lora_nb.arguments`, the settings' own
 checks): an empty `--data "$UNSET"` is refused rather than read as "the demo data".
@@ -73,13 +74,36 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{name.replace('_', '-')}", type=int, default=spec.default,
                          help=f"{spec.help} (default: {spec.default if spec.default is not None else 'all'})")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    launch = sub.add_parser("launch", help="print the `accelerate launch` command that runs `run` on N GPUs "
+                            "(data parallel); the other arguments are passed to `run`")
+    launch.add_argument("--gpus", type=int, default=2, help="number of processes, one per GPU (default: 2)")
+    launch.add_argument("--cpu", action="store_true", help="N processes on the CPU (gloo) instead of GPUs")
+    launch.add_argument("--accelerate-config", help="an accelerate config file (FSDP, DeepSpeed, several machines)")
     return parser
+
+
+def _print_launch(parser: argparse.ArgumentParser, args: argparse.Namespace, run_args: list[str]) -> int:
+    """Check the `run` arguments, then print the launch command."""
+    from .launch import format_command, launch_command
+
+    parser.parse_args(["run", *run_args])  # a misspelled run argument fails here, not in N processes
+    print(format_command(launch_command(args.gpus, run_args, cpu=args.cpu,
+                                        accelerate_config=args.accelerate_config)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "launch":
+        try:
+            return _print_launch(parser, args, extra)
+        except LoraNbError as err:
+            print(f"lora-nb: {err}", file=sys.stderr)
+            return 1
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.resume and not args.out:
         parser.error("--resume needs --out: the run folder to continue")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -133,7 +133,10 @@ class LengthGroupedTrainer(Trainer):
         names = getattr(dataset, "column_names", None) or []
         lengths = dataset[column] if column in names else [len(example["input_ids"]) for example in dataset]
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return LengthGroupedSampler(lengths, self.args.train_batch_size, seed=seed)
+        # Group by the examples of one optimizer step (all processes, all accumulated passes): then N
+        # processes with batch b train on the same examples per step as one process with batch N x b.
+        step = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(lengths, step, seed=seed)
 
 
 # ------------------------------------------------------------------------------------ padding-free rows

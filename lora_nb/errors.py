@@ -57,3 +57,7 @@ def quote(value: object, limit: int = 100) -> str:
 
 class ArgumentError(LoraNbError, ValueError):
     """An argument of the command line or of a front-door function (a path, a count) is unusable."""
+
+
+class ExportError(LoraNbError, ValueError):
+    """A model cannot be exported (unsupported architecture, tokenizer or type) or the export cannot be written."""

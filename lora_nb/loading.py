@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 from .demo import DEMO_MODEL_ID, resolve_model
 from .errors import ModelLoadError, QuantizationUnavailable
 from .files import damaged_weights
+from .launch import process_device_map
 from .settings import bf16_supported, cuda_available
 
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ def load_model(
         kwargs["quantization_config"] = settings.to_bnb()
         kwargs["dtype"] = torch.float32 if torch_dtype == torch.float16 and not cuda_available() else torch_dtype
     if cuda_available():
-        kwargs["device_map"] = "auto"  # accelerate places the weights; never a hard-coded device
+        kwargs["device_map"] = process_device_map()  # accelerate places the weights; never a hard-coded device
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:

@@ -166,7 +166,7 @@ def run_pipeline(
     from .evaluate import evaluate_run
     from .loading import describe_model, load_model
     from .plots import plot_losses
-    from .train import RunFolder, check_resumable, train
+    from .train import RunFolder, check_resumable, is_main_process, train
 
     from .arguments import check_run_arguments
 
@@ -193,6 +193,8 @@ def run_pipeline(
     heldout = heldout_path if heldout is None else heldout
     log(f"[3/4] training   : {data} -> {out}")
     result = train(loaded.model, loaded.tokenizer, data, settings, out, eval_data=heldout, resume=resume)
+    if not is_main_process():  # under `accelerate launch`: rank 0 alone evaluates and writes the reports
+        return PipelineResult(out, {}, result, time.perf_counter() - started)
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     log(f"      {result.global_step} steps in {result.train_seconds:.1f} s, final training loss {final}"
         + (" (interrupted; rerun with --resume)" if result.interrupted else ""))

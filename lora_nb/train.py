@@ -24,6 +24,7 @@ Display (progress, live loss plots) plugs in from outside through `callbacks`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -352,6 +353,26 @@ def _same_model(saved: dict, current: dict) -> bool:
     return a == b or Path(a.rstrip("/")).name == Path(b.rstrip("/")).name
 
 
+# ------------------------------------------------------------------------------------ processes
+def is_main_process() -> bool:
+    """Whether this process writes files: always when alone, rank 0 of `accelerate launch` / torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _sync_processes(args) -> bool:
+    """Wait until every process has checked the run folder (so none sees rank 0's first writes as an old
+    run); returns `is_main_process()`. `args.world_size` starts the process group under a launcher."""
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return is_main_process()
+
+
 # ------------------------------------------------------------------------------------ callbacks
 def _log_callback(folder: RunFolder):
     from transformers import TrainerCallback
@@ -463,7 +484,7 @@ def train(
     # Read-only folder checks before the adapter is made, so a refusal changes nothing; repeated
     # below under the folder's lock, where no other run can change the folder in between.
     adapter = settings.lora.peft_kwargs(model)
-    _resume_or_fresh(folder, model, adapter, resume)
+    checkpoint = _resume_or_fresh(folder, model, adapter, resume)
 
     transformers.set_seed(settings.train.seed)  # before get_peft_model: it draws LoRA A from torch's RNG
     peft_model = _with_adapter(model, settings)
@@ -476,11 +497,15 @@ def train(
         overrides["eval_strategy"] = "no"
     if not torch.cuda.is_available():
         overrides["use_cpu"] = True
+    # Under DDP: every adapter weight takes part in each forward, so DDP need not search for unused ones.
+    overrides["ddp_find_unused_parameters"] = False
     args = settings.to_training_args(str(folder.path), **overrides)
 
-    with folder.lock():
-        checkpoint = _resume_or_fresh(folder, model, adapter, resume)
-        initial = _start_run(folder, settings, peft_model, checkpoint)
+    main = _sync_processes(args)  # every process has checked the folder; under `accelerate launch` rank 0 alone writes it
+    with folder.lock() if main else contextlib.nullcontext():
+        if main:
+            checkpoint = _resume_or_fresh(folder, model, adapter, resume)
+        initial = _start_run(folder, settings, peft_model, checkpoint) if main else None
 
         trainer = KitTrainer(
             model=peft_model,
@@ -511,7 +536,7 @@ def train(
         seconds = time.perf_counter() - started
 
         adapter_dir = None
-        if trainer.state.global_step > 0:
+        if main and trainer.state.global_step > 0:
             adapter_dir = save_adapter(peft_model, folder.adapter_dir, convert_from=initial)
             write_text_atomic(folder.path / "trainer_state.json",
                               json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True, default=str) + "\n")
@@ -520,8 +545,9 @@ def train(
             peft_model = load_converted(base_model(peft_model), adapter_dir) if adapter_dir else base_model(peft_model)
         step, max_steps = trainer.state.global_step, trainer.state.max_steps
         status = "interrupted" if interrupted else ("stopped" if step < max_steps else "finished")  # stopped: by a callback
-        folder.write_run(status=status, global_step=step, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        folder.record_written(ADAPTER_DIR, "trainer_state.json")
+        if main:
+            folder.write_run(status=status, global_step=step, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+            folder.record_written(ADAPTER_DIR, "trainer_state.json")
     history = list(trainer.state.log_history)
     return TrainResult(
         run_dir=folder.path,
