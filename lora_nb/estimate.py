@@ -19,6 +19,7 @@ What a LoRA layer keeps for the backward pass (the frozen ``W`` keeps nothing of
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -254,15 +255,13 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     b = batch_size or train.per_device_train_batch_size
     s = seq_len or train.max_seq_length
-    trainable, _ = count_trainable(model, settings.lora)
-    targets = find_targets(model, include_output_head=True)
+    trainable, targets, adapted = _shapes(model, settings.lora)
     precision = train.resolved_precision()
     e = 2 if precision in ("bf16", "fp16") else 4
     weight_bytes = 2 if precision == "bf16" and device == "cuda" else 4  # what load_model(dtype="auto") gives
     autocast = e == 2 and (weight_bytes == 4 or settings.quant.load_in != "none")
     d = _dims(model.config)
     d["gated"] = any(lay.name in _GATED for lay in targets.layers)  # gate * act(up): three MLP tensors kept, not two
-    adapted = adapted_layers(model, settings.lora)
     block = _block_bytes(d, adapted, settings, e, device, _attention(model.config), s)
     tokens = b * s
     n_blocks = max(d["layers"], 1)
@@ -318,6 +317,21 @@ def estimate_for_lengths(model_or_config: nn.Module | transformers.PretrainedCon
         found["typical batch"] = estimate_memory(model_or_config, settings, seq_len=max(ordered[len(ordered) // 2], 1),
                                                  device=device)
     found["worst case"] = estimate_memory(model_or_config, settings, seq_len=cap, device=device)
+    return found
+
+
+_SHAPES: dict[tuple[int, str], tuple[weakref.ref, tuple[int, Any, list[TargetLayer]]]] = {}
+
+
+def _shapes(model: nn.Module, lora: LoraSettings) -> tuple[int, Any, list[TargetLayer]]:
+    """Trainable count, adaptable layers and adapted layers; cached per model object and LoRA settings,
+    so that a planner asking for many batch sizes reads the model's layers once."""
+    key = (id(model), repr(lora))
+    cached = _SHAPES.get(key)
+    if cached is not None and cached[0]() is model:
+        return cached[1]
+    found = (count_trainable(model, lora)[0], find_targets(model, include_output_head=True), adapted_layers(model, lora))
+    _SHAPES[key] = (weakref.ref(model), found)
     return found
 
 

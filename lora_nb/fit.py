@@ -25,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -201,13 +201,14 @@ class FitReport:
         return "\n".join(lines)
 
 
-def plan_fit(model: str | Path | Any, gpu: str | Gpu | None = None, memory_gib: float | None = None,
+def plan_fit(model: str | Path | torch.nn.Module | Any, gpu: str | Gpu | None = None, memory_gib: float | None = None,
              settings: KitSettings | None = None, batch_size: int | None = None,
              seq_len: int | None = None) -> FitReport:
     """Answers "will this LoRA run fit on this GPU?" from the model's config alone.
 
     Args:
-        model: Hub ID (shipped configs work offline), path to a ``config.json`` or model folder, or a config.
+        model: Hub ID (shipped configs work offline), path to a ``config.json`` or model folder, a config,
+            or a model (its shapes are used as they are).
         gpu: A GPU name (see :data:`GPUS`) or a :class:`Gpu`.
         memory_gib: The card's memory in GiB, instead of ``gpu`` (bf16 assumed).
         settings: The run's settings (default: the kit's defaults: 4-bit, r 16, all linear layers).
@@ -227,16 +228,16 @@ def plan_fit(model: str | Path | Any, gpu: str | Gpu | None = None, memory_gib: 
         settings.train.per_device_train_batch_size = batch_size
     if seq_len:
         settings.train.max_seq_length = seq_len
-    base = meta_model(load_config(model))
+    base = model if isinstance(model, torch.nn.Module) else meta_model(load_config(model))
+    name = getattr(base.config, "_name_or_path", "") or "model" if isinstance(model, torch.nn.Module) else str(model)
     estimate = _estimate(base, settings)
     verdict = _verdict(estimate, card.memory_bytes)
-    report = FitReport(str(model), card.name, card.memory_bytes, estimate, verdict,
+    report = FitReport(name, card.name, card.memory_bytes, estimate, verdict,
                        largest_batch=_largest(base, settings, card, "batch"),
                        largest_seq=_largest(base, settings, card, "seq"), settings=settings)
     if verdict != "fits":
         fixes = _fixes(base, settings, card, report)
-        report.fix, report.alternatives = (fixes[0], fixes[1:]) if fixes else (
-            "no single change is enough: combine 4-bit, gradient checkpointing and batch 1, or use a larger GPU", [])
+        report.fix, report.alternatives = fixes[0], fixes[1:]
     return report
 
 
@@ -293,38 +294,48 @@ def _largest(model: torch.nn.Module, settings: KitSettings, card: Gpu, what: Lit
 
 
 def _fixes(model: torch.nn.Module, settings: KitSettings, card: Gpu, report: FitReport) -> list[str]:
-    """Single changes that bring the run to "fits", least harm to the result first."""
+    """Single changes that bring the run to "fits", least harm to the result first; when none is
+    enough alone, the shortest combination of them in that order (as one entry)."""
     t = settings.train
-    found = []
-    candidates: list[tuple[str, KitSettings]] = []
+    candidates: list[tuple[str, Callable[[KitSettings], None]]] = []
     if not t.gradient_checkpointing:
-        changed = copy.deepcopy(settings)
-        changed.train.gradient_checkpointing = True
-        candidates.append(("turn on gradient checkpointing (about 20-30% slower steps)", changed))
-    if report.largest_batch and report.largest_batch < t.per_device_train_batch_size:
-        changed = copy.deepcopy(settings)
-        fit_batch = _largest_fitting(model, settings, card)
-        if fit_batch:
-            changed.train.per_device_train_batch_size = fit_batch
-            steps = -(-t.per_device_train_batch_size // fit_batch)
-            candidates.append((f"batch size {fit_batch} with gradient_accumulation_steps x{steps} (same effective "
-                               "batch)", changed))
+        candidates.append(("turn on gradient checkpointing (about 20-30% slower steps)",
+                           lambda c: setattr(c.train, "gradient_checkpointing", True)))
+    if settings.lora.lora_dropout > 0:
+        candidates.append(("lora_dropout 0 (each adapted layer keeps a dropped copy of its input)",
+                           lambda c: setattr(c.lora, "lora_dropout", 0.0)))
     if t.optim in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
-        changed = copy.deepcopy(settings)
-        changed.train.optim = "paged_adamw_8bit"
-        candidates.append(("the 8-bit optimizer paged_adamw_8bit", changed))
+        candidates.append(("the 8-bit optimizer paged_adamw_8bit", lambda c: setattr(c.train, "optim", "paged_adamw_8bit")))
     if settings.quant.load_in != "4bit":
-        changed = copy.deepcopy(settings)
-        changed.quant.load_in = "4bit"
-        candidates.append(("load the base in 4-bit NF4 (QLoRA)", changed))
+        candidates.append(("load the base in 4-bit NF4 (QLoRA)", lambda c: setattr(c.quant, "load_in", "4bit")))
+    if t.per_device_train_batch_size > 1:
+        candidates.append(("batch size 1 with gradient_accumulation_steps x"
+                           f"{t.per_device_train_batch_size * t.gradient_accumulation_steps} (same effective batch)",
+                           lambda c: setattr(c.train, "per_device_train_batch_size", 1)))
     if report.largest_seq and report.largest_seq < t.max_seq_length:
+        short = max(8, int(report.largest_seq * TIGHT_SHARE))
+        candidates.append((f"cut sequences to {short} tokens (max_seq_length)",
+                           lambda c: setattr(c.train, "max_seq_length", short)))
+
+    def fits(changes: list[Callable[[KitSettings], None]]) -> bool:
         changed = copy.deepcopy(settings)
-        changed.train.max_seq_length = int(report.largest_seq * TIGHT_SHARE)
-        candidates.append((f"cut sequences to {changed.train.max_seq_length} tokens (max_seq_length)", changed))
-    for text, changed in candidates:
-        if _verdict(_estimate(model, changed), card.memory_bytes) == "fits":
-            found.append(text)
-    return found
+        for change in changes:
+            change(changed)
+        return _verdict(_estimate(model, changed), card.memory_bytes) == "fits"
+
+    found = [text for text, change in candidates if fits([change])]
+    smaller = _largest_fitting(model, settings, card)
+    if smaller:  # a smaller batch that fits, rather than batch 1
+        steps = -(-t.per_device_train_batch_size // smaller) * t.gradient_accumulation_steps
+        found = [f"batch size {smaller} with gradient_accumulation_steps x{steps} (same effective batch)"
+                 if text.startswith("batch size 1 ") else text for text in found]
+    if found:
+        return found
+    for n in range(2, len(candidates) + 1):
+        if fits([change for _, change in candidates[:n]]):
+            return ["combine: " + "; ".join(text for text, _ in candidates[:n])]
+    return ["no combination of these changes is enough: " + "; ".join(text for text, _ in candidates)
+            + ". Use a GPU with more memory or a smaller model"]
 
 
 def _largest_fitting(model: torch.nn.Module, settings: KitSettings, card: Gpu) -> int:
