@@ -284,7 +284,9 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     parts["dequantization"] = _dequantization_bytes(targets, settings.quant)
     parts["dora norm"] = max((lay.in_features ** 2 + 3 * lay.in_features * lay.out_features) * 4
                              for lay in adapted) if settings.lora.use_dora and adapted else 0
-    notes = [f"attention: {_attention(model.config)}; precision {precision}, base weights "
+    notes = ["an estimate from formulas, checked against measured peaks on CPU (benchmarks/results/memory.md); "
+             "not yet measured on a GPU",
+             f"attention: {_attention(model.config)}; precision {precision}, base weights "
              f"{ {'4bit': '4-bit NF4', '8bit': '8-bit'}.get(settings.quant.load_in, 'bf16' if weight_bytes == 2 else 'fp32') }"]
     if device == "cuda":
         notes.append(f"a GPU also needs allocator headroom (x{CUDA_RESERVE_FACTOR:.2f}) and the CUDA context "

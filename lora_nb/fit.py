@@ -349,3 +349,28 @@ def _largest_fitting(model: torch.nn.Module, settings: KitSettings, card: Gpu) -
 def fit_table(models: list[str], gpu: str, settings: KitSettings | None = None) -> list[dict[str, Any]]:
     """:func:`plan_fit` for several models on one GPU, as rows (for a notebook table or plot)."""
     return [plan_fit(m, gpu, settings=settings).to_dict() for m in models]
+
+
+def plot_fit(rows: list[dict[str, Any]], title: str = "") -> Any:
+    """Bar chart of :func:`fit_table` rows: what each model needs beside the card's memory.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    colors = {"fits": "tab:green", "tight": "tab:orange", "does not fit": "tab:red"}
+    names = [r["model"].split("/")[-1] for r in rows]
+    ax.bar(names, [r["need_gib"] for r in rows], color=[colors[r["verdict"]] for r in rows])
+    if rows:
+        ax.axhline(rows[0]["memory_gib"], color="black", linestyle="--", label=f"{rows[0]['gpu']} memory")
+        ax.axhline(rows[0]["memory_gib"] * TIGHT_SHARE, color="gray", linestyle=":", label="tight above this")
+    for i, r in enumerate(rows):
+        ax.text(i, r["need_gib"], r["verdict"], ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("GiB needed")
+    ax.set_title(title or "Will it fit? (estimate incl. allocator headroom and CUDA context)")
+    ax.legend(loc="upper left")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    return fig
