@@ -6,7 +6,9 @@ batches of exactly `batch x seq` tokens, and records the peak:
 
 - CPU: the peak resident set size (VmHWM) of the training steps minus the RSS after importing
   torch/transformers/peft (the libraries are not part of the estimate). The peak is reset after the
-  model is loaded (``/proc/self/clear_refs``), so loading transients do not count. glibc's malloc is
+  model is loaded (``/proc/self/clear_refs``), so loading transients do not count. The weights are
+  copied out of the safetensors memory map first (file-backed pages can be evicted when the machine is
+  short of memory, and would then be missing from RSS; on a GPU they are copied anyway). glibc's malloc is
   pinned to one arena and a fixed mmap threshold (128 KiB), so freed tensors go back to the system at
   once: RSS then follows live memory, as CUDA's ``max_memory_allocated`` does on a GPU.
 - CUDA: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` over loading and training.
@@ -137,6 +139,10 @@ def measure_point(point: dict, model_path: str, threads: int = 2) -> dict:
         dtype = "float32"  # the kit's CPU path: fp32 weights, autocast for bf16
     model, tokenizer = load_model(model_path, settings.quant, dtype=dtype,
                                   gradient_checkpointing=point["checkpointing"])
+    with torch.no_grad():  # out of the safetensors memory map: file pages can be evicted under memory pressure
+        for param in model.parameters():
+            if param.device.type == "cpu" and type(param).__name__ == "Parameter":
+                param.data = param.data.clone()
     gc.collect()
     _trim()
     loaded_rss = _status_kib("VmRSS") * 1024
