@@ -19,7 +19,7 @@ attention-only and MLP-only targets, r 64, gradient checkpointing, bf16, 4-bit N
 Measurements go to ``memory_raw.json``; the estimate is recomputed from them by the current code
 (``--rescore``), so that tuning the estimate needs no new measurements.
 
-    python benchmarks/memory.py                    # demo model on CPU, about 10 min on 2 cores
+    python benchmarks/memory.py                    # demo model on CPU, about 10 min on 2 idle cores
     python benchmarks/memory.py --rescore          # recompute estimates, table and plot only
     python benchmarks/memory.py --model tiny --points base,dora --out /tmp/x   # seconds, for tests
 """
@@ -212,10 +212,10 @@ def score(raw: dict) -> list[dict]:
 
 
 def write_results(raw: dict, rows: list[dict], out_dir: Path) -> None:
-    """memory.csv, memory.md and memory.png in `out_dir`."""
+    """memory_grid.csv, memory_grid.md and memory_grid.png in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     part_names = list(rows[0]["parts"]) if rows else []
-    with open(out_dir / "memory.csv", "w", newline="") as f:
+    with open(out_dir / "memory_grid.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "batch", "seq", "targets", "r", "dora", "dropout", "checkpointing", "precision",
                          "quant", "estimate_mib", "measured_mib", "estimate_over_measured"]
@@ -227,8 +227,8 @@ def write_results(raw: dict, rows: list[dict], out_dir: Path) -> None:
                              p["checkpointing"], p["precision"], p["quant"], f"{r['estimate'] / 2**20:.1f}",
                              f"{r['measured'] / 2**20:.1f}", f"{r['ratio']:.3f}"]
                             + [f"{r['parts'][k] / 2**20:.1f}" for k in part_names])
-    (out_dir / "memory.md").write_text(_markdown(raw, rows, part_names))
-    _plot(rows, out_dir / "memory.png")
+    (out_dir / "memory_grid.md").write_text(_markdown(raw, rows, part_names))
+    _plot(rows, out_dir / "memory_grid.png")
 
 
 def _markdown(raw: dict, rows: list[dict], part_names: list[str]) -> str:
@@ -264,7 +264,7 @@ def _markdown(raw: dict, rows: list[dict], part_names: list[str]) -> str:
               "|" + " --- |" * (len(part_names) + 1)]
     for r in rows:
         lines.append(f"| {r['name']} | " + " | ".join(f"{r['parts'][k] / 2**20:.0f}" for k in part_names) + " |")
-    lines += ["", "![memory](memory.png)", "", f"Reproduce: `{raw['command']}`", ""]
+    lines += ["", "![memory](memory_grid.png)", "", f"Reproduce: `{raw['command']}`", ""]
     return "\n".join(lines)
 
 

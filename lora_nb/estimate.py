@@ -8,7 +8,7 @@ weights, the adapter with its gradients and optimizer states, what autograd keep
 pass (read from peft's ``lora.Linear.forward`` and DoRA's ``DoraLinearLayer.forward``), the logits and
 the loss, and the short-lived buffers around the peak. :func:`estimate_for_lengths` gives it for the
 data's own lengths beside the worst case. Checked against real training steps by
-``benchmarks/memory.py`` (``benchmarks/results/memory.md``).
+``benchmarks/memory.py`` (``benchmarks/results/memory_grid.md``).
 
 What a LoRA layer keeps for the backward pass (the frozen ``W`` keeps nothing of its own)::
 
@@ -136,6 +136,7 @@ CUDA_DROPOUT_MASK_BYTES = 1
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace of torch 2.x: 0.3-0.8 GiB, not in allocated
 CUDA_RESERVE_FACTOR = 1.10  # reserved / allocated of the caching allocator (fragmentation headroom)
 BACKWARD_BLOCKS = 1.0  # gradients of one block's activations exist while that block runs backward
+RUNTIME_BYTES = 64 * 2**20  # Trainer, data loader, kernel workspaces (cuBLAS on a GPU): measured 20-70 MiB on CPU
 
 
 @dataclass
@@ -148,7 +149,8 @@ class MemoryEstimate:
     the allocator (``cuda_context_bytes``); ``device_bytes`` adds both.
 
     Attributes:
-        parts: Part name -> bytes. Static: weights, adapter, gradients, optimizer. Kept for the backward
+        parts: Part name -> bytes. Static: weights, adapter, gradients, optimizer, runtime (Trainer, data
+            loader, kernel workspaces). Kept for the backward
             pass (per block x blocks): norms, attention, mlp, adapter inputs, adapter outputs, dropout masks,
             dora, checkpoints (block inputs with gradient checkpointing). Transient at the peak: backward
             (one block's gradients, plus its recomputed activations with checkpointing), logits, autocast
@@ -272,6 +274,7 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
         "adapter": ADAPTER_BYTES * trainable,
         "gradients": ADAPTER_BYTES * trainable,
         "optimizer": OPTIMIZER_STATE_BYTES[train.optim] * trainable,
+        "runtime": RUNTIME_BYTES,
     }
     if train.gradient_checkpointing:
         parts["checkpoints"] = round(tokens * n_blocks * d["hidden"] * e)
@@ -284,7 +287,7 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     parts["dequantization"] = _dequantization_bytes(targets, settings.quant)
     parts["dora norm"] = max((lay.in_features ** 2 + 3 * lay.in_features * lay.out_features) * 4
                              for lay in adapted) if settings.lora.use_dora and adapted else 0
-    notes = ["an estimate from formulas, checked against measured peaks on CPU (benchmarks/results/memory.md); "
+    notes = ["an estimate from formulas, checked against measured peaks on CPU (benchmarks/results/memory_grid.md); "
              "not yet measured on a GPU",
              f"attention: {_attention(model.config)}; precision {precision}, base weights "
              f"{ {'4bit': '4-bit NF4', '8bit': '8-bit'}.get(settings.quant.load_in, 'bf16' if weight_bytes == 2 else 'fp32') }"]

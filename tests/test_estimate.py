@@ -139,9 +139,11 @@ def _saved_bytes(layers: int, lora: LoraSettings, attn: str = "sdpa", b: int = 2
     model = transformers.AutoModelForCausalLM.from_config(config)
     wrapped = peft.get_peft_model(model, lora.to_peft(model)).train()
     seen: dict[int, int] = {}
+    held = []  # keeps every saved tensor alive, so that no address is reused by a later one
 
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        held.append(t)
         return t
 
     ids = torch.randint(3, 128, (b, s))
@@ -185,7 +187,9 @@ def test_dora_keeps_more_than_lora_and_says_so():
     assert est["dora"].parts["dora"] > 0 == est["lora"].parts["dora"]
     assert est["dora"].parts["dora norm"] > 0
     estimated = (est["dora"].parts["dora"]) / config.num_hidden_layers
-    assert measured > 0 and 0.9 <= estimated / measured <= 1.6  # DoRA's own per-block tensors (transients aside)
+    # the hooks also count each layer's short-lived weight-norm tensors (an in x in identity, ...), freed
+    # right after; the estimate keeps only the widest layer's as "dora norm"
+    assert measured > 0 and 0.8 <= estimated / measured <= 1.6
 
 
 def test_bf16_on_cuda_upcasts_each_adapted_input_and_quantized_base_is_smaller():
