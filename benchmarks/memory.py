@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
-import dataclasses
 import json
 import os
 import platform

@@ -228,10 +228,10 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
       norms ``2 (4 h + 4)`` (RMSNorm upcasts its input to fp32 and keeps it), attention ``e (2 q + 2 k) +
       4 a`` with sdpa/flash (q, k, v, output, log-sum-exp) or ``4 q e + 4 a s`` (+ ``a s e``) with eager
       (keys/values repeated per head, the s x s probabilities), MLP ``3 i e`` (gate, its activation, up);
-      adapter inputs: ``lora_A`` keeps its input (in fp32: once per distinct tensor; with a bf16 base,
-      peft upcasts it per layer, so each adapted layer keeps its own fp32 copy), ``4 r`` for ``lora_A``'s
-      output; dropout > 0: each layer's dropped input (fp32) and its mask (4 bytes on CPU, 1 on CUDA);
-      DoRA: the base and LoRA results it scales (``out (e + 4)``);
+      adapter inputs: ``lora_A`` keeps its input (in fp32: once per distinct tensor; under bf16/fp16
+      autocast peft upcasts it and autocast casts it back per layer, so each adapted layer keeps its own
+      half-precision copy), ``4 r`` for ``lora_A``'s output; dropout > 0: each layer's dropped input and
+      its mask (4 bytes on CPU, 1 on CUDA); DoRA: the base and LoRA results it scales (``2 out e``);
     - gradient checkpointing: only block inputs ``h e`` per block, plus one block recomputed at a time;
     - transient at the peak: one block's activation gradients in the backward pass; logits and loss
       ``V (12 + 2 [bf16])`` per token (log-softmax output, its gradient and the logits' gradient, in fp32);
@@ -406,22 +406,21 @@ def _block_bytes(d: dict, adapted: list[TargetLayer], settings: KitSettings, e: 
     mlp = (3 if d["gated"] else 2) * d["mlp"] * e
     parts = {"norms": n * 2 * (4 * d["hidden"] + 4), "attention": n * attn, "mlp": n * mlp,
              "adapter inputs": 0.0, "adapter outputs": 0.0, "dropout masks": 0.0, "dora": 0.0}
-    upcast_each = e == 2  # bf16/fp16 activations: peft casts each adapted layer's input to fp32 on its own
     shared: set[tuple[Any, str]] = set()
     for lay in adapted:
         parts["adapter outputs"] += 4 * lora.r
-        if lora.lora_dropout > 0:
-            parts["adapter inputs"] += 4 * lay.in_features
+        if lora.lora_dropout > 0:  # lora_A keeps the dropped input (in the compute dtype), dropout its mask
+            parts["adapter inputs"] += e * lay.in_features
             parts["dropout masks"] += lay.in_features * (CPU_DROPOUT_MASK_BYTES if device == "cpu"
                                                          else CUDA_DROPOUT_MASK_BYTES)
-        elif upcast_each:
-            parts["adapter inputs"] += 4 * lay.in_features
-        else:
+        elif e == 2:  # bf16/fp16 autocast: each lora_A casts its (fp32-upcast) input and keeps its own copy
+            parts["adapter inputs"] += 2 * lay.in_features
+        else:  # fp32: layers reading the same tensor keep it once
             source = _SHARED_INPUT.get(lay.name, lay.path)
             key = (lay.layer_index, source)
             if source != "attn_out" and key not in shared:
                 shared.add(key)
                 parts["adapter inputs"] += 4 * lay.in_features
-        if lora.use_dora:
-            parts["dora"] += lay.out_features * (e + 4)
+        if lora.use_dora:  # (m / norm - 1) * base_result + (m / norm) * lora_result keeps both results
+            parts["dora"] += 2 * lay.out_features * e
     return parts

@@ -197,8 +197,11 @@ def test_bf16_on_cuda_upcasts_each_adapted_input_and_quantized_base_is_smaller()
     kit = dataclasses.replace(_kit(), lora=LoraSettings(lora_dropout=0.0))
     fp32 = estimate_memory(config, kit, 2, 16, device="cuda")
     bf16 = estimate_memory(config, dataclasses.replace(kit, train=TrainSettings(precision="bf16")), 2, 16, device="cuda")
-    # fp32: q/k/v share one kept input and gate/up another; bf16: peft casts each layer's input to fp32 on its own
-    assert bf16.parts["adapter inputs"] > fp32.parts["adapter inputs"]
+    # fp32: q/k/v share one kept input, gate/up another, o_proj's is the attention output; under bf16
+    # autocast each adapted layer keeps its own half-precision copy of its input
+    per_block_in = 6 * 32 + 64
+    assert bf16.parts["adapter inputs"] == 2 * 16 * 2 * per_block_in * 2
+    assert fp32.parts["adapter inputs"] == 2 * 16 * 2 * (32 + 32 + 64) * 4
     assert bf16.parts["weights"] == fp32.parts["weights"] / 2 and bf16.parts["autocast weight copies"] == 0
     assert bf16.reserved_bytes > bf16.total_bytes and bf16.device_bytes > bf16.reserved_bytes
     fp16 = estimate_memory(config, dataclasses.replace(kit, train=TrainSettings(precision="fp16")), 2, 16, device="cuda")
