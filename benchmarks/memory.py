@@ -213,7 +213,7 @@ def score(raw: dict) -> list[dict]:
 def write_results(raw: dict, rows: list[dict], out_dir: Path) -> None:
     """memory_grid.csv, memory_grid.md and memory_grid.png in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    part_names = list(rows[0]["parts"]) if rows else []
+    part_names = list(dict.fromkeys(k for r in rows for k in r["parts"]))  # checkpointing has other parts
     with open(out_dir / "memory_grid.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", "batch", "seq", "targets", "r", "dora", "dropout", "checkpointing", "precision",
@@ -225,7 +225,7 @@ def write_results(raw: dict, rows: list[dict], out_dir: Path) -> None:
             writer.writerow([r["name"], p["batch"], p["seq"], targets, p["r"], p["dora"], p["dropout"],
                              p["checkpointing"], p["precision"], p["quant"], f"{r['estimate'] / 2**20:.1f}",
                              f"{r['measured'] / 2**20:.1f}", f"{r['ratio']:.3f}"]
-                            + [f"{r['parts'][k] / 2**20:.1f}" for k in part_names])
+                            + [f"{r['parts'].get(k, 0) / 2**20:.1f}" for k in part_names])
     (out_dir / "memory_grid.md").write_text(_markdown(raw, rows, part_names))
     _plot(rows, out_dir / "memory_grid.png")
 
@@ -262,7 +262,7 @@ def _markdown(raw: dict, rows: list[dict], part_names: list[str]) -> str:
     lines += ["", "Estimate parts (MiB):", "", "| point | " + " | ".join(part_names) + " |",
               "|" + " --- |" * (len(part_names) + 1)]
     for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r['parts'][k] / 2**20:.0f}" for k in part_names) + " |")
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r['parts'].get(k, 0) / 2**20:.0f}" for k in part_names) + " |")
     lines += ["", "![memory](memory_grid.png)", "", f"Reproduce: `{raw['command']}`", ""]
     return "\n".join(lines)
 
