@@ -19,7 +19,7 @@ attention-only and MLP-only targets, r 64, gradient checkpointing, bf16, 4-bit N
 Measurements go to ``memory_raw.json``; the estimate is recomputed from them by the current code
 (``--rescore``), so that tuning the estimate needs no new measurements.
 
-    python benchmarks/memory.py                    # demo model on CPU, about 10 min on 2 idle cores
+    python benchmarks/memory.py                    # demo model on CPU: 40 min on 2 busy shared cores
     python benchmarks/memory.py --rescore          # recompute estimates, table and plot only
     python benchmarks/memory.py --model tiny --points base,dora --out /tmp/x   # seconds, for tests
 """
