@@ -5,6 +5,8 @@
     python -m lora_nb run --model path/to/model --data train.jsonl --heldout test.jsonl
     python -m lora_nb run --preset qlora-walkthrough --r 16 --alpha 32 --lr 2e-4 --steps 40
     python -m lora_nb launch --gpus 4 --config my.yaml     # prints the `accelerate launch` command (DDP)
+    python -m lora_nb fit meta-llama/Llama-3.1-8B --gpu T4  # will it fit? (shipped configs work offline)
+    python -m lora_nb gpu-check                            # train a few steps on this GPU and report
 
 Every argument is checked before the model is loaded (`lora_nb.arguments`, the settings' own
 checks): an empty `--data "$UNSET"` is refused rather than read as "the demo data".
@@ -79,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--gpus", type=int, default=2, help="number of processes, one per GPU (default: 2)")
     launch.add_argument("--cpu", action="store_true", help="N processes on the CPU (gloo) instead of GPUs")
     launch.add_argument("--accelerate-config", help="an accelerate config file (FSDP, DeepSpeed, several machines)")
+    _add_fit_parser(sub)
+    check = sub.add_parser("gpu-check", help="train a few 4-bit steps on this GPU (random-weight 1B and 3B Llama "
+                           "shapes, offline) and write a Markdown + JSON report; a smoke version without CUDA")
+    check.add_argument("--out", default="gpu-check", help="folder for gpu_check.md and gpu_check.json (default: gpu-check)")
+    check.add_argument("--steps", type=int, help="optimizer steps per variant (default 8 on a GPU, 3 in the smoke version)")
     return parser
 
 
@@ -92,18 +99,74 @@ def _print_launch(parser: argparse.ArgumentParser, args: argparse.Namespace, run
     return 0
 
 
+def _add_fit_parser(sub) -> None:
+    fit = sub.add_parser("fit", help="will a LoRA run of this model fit on this GPU? (config only, no weights)")
+    fit.add_argument("model", help="hub ID (shipped configs work offline), config.json or model folder")
+    fit.add_argument("--gpu", help="T4, L4, A10G, RTX3090, RTX4090, A100-40, A100-80, H100, H200")
+    fit.add_argument("--memory", type=float, help="the GPU's memory in GiB, instead of --gpu")
+    fit.add_argument("--config", help="the kit's settings file (default: the kit's defaults)")
+    fit.add_argument("--batch", type=int, help="examples per step (default: from the settings, 4)")
+    fit.add_argument("--seq", type=int, help="tokens per example (default: max_seq_length, 512)")
+    fit.add_argument("--quant", choices=["4bit", "8bit", "none"], help="override quant.load_in")
+    fit.add_argument("--r", type=int, help="override lora.r")
+    fit.add_argument("--dora", action="store_true", help="use DoRA")
+    fit.add_argument("--checkpointing", action="store_true", help="turn on gradient checkpointing")
+    fit.add_argument("--optim", help="override train.optim (e.g. paged_adamw_8bit)")
+
+
+def _fit(args) -> None:
+    from .fit import plan_fit
+    from .formats import load_settings
+    from .settings import KitSettings
+
+    settings = load_settings(args.config).settings if args.config else KitSettings()
+    if args.quant is not None:
+        settings.quant.load_in = args.quant
+    if args.r is not None:
+        settings.lora.r = args.r
+    if args.dora:
+        settings.lora.use_dora = True
+    if args.checkpointing:
+        settings.train.gradient_checkpointing = True
+    if args.optim is not None:
+        settings.train.optim = args.optim
+    settings.check(check_environment=False)
+    print(plan_fit(args.model, args.gpu, args.memory, settings, args.batch, args.seq))
+
+
+def _planning_command(args) -> int:
+    """`fit` and `gpu-check`: the kit's errors become one line and exit status 1."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        (_fit if args.command == "fit" else _gpu_check)(args)
+    except LoraNbError as err:
+        print(f"lora-nb: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _gpu_check(args) -> None:
+    from .gpu_check import run_gpu_check
+
+    report = run_gpu_check(args.out, steps=args.steps)
+    print(report.markdown())
+    print(f"written: {args.out}/gpu_check.md and gpu_check.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "launch":  # only `launch` passes its other arguments on (to `run`)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("fit", "gpu-check"):
+        return _planning_command(args)
     if args.command == "launch":
         try:
             return _print_launch(parser, args, extra)
         except LoraNbError as err:
             print(f"lora-nb: {err}", file=sys.stderr)
             return 1
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.resume and not args.out:
         parser.error("--resume needs --out: the run folder to continue")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

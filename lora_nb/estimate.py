@@ -2,12 +2,24 @@
 
 :func:`count_trainable` reads module shapes and peft's own target matching, and gives the same
 numbers as ``get_peft_model(...).get_nb_trainable_parameters()`` without wrapping the model.
-:func:`estimate_memory` adds up weights, adapter, gradients, optimizer states, activations and
-logits: an estimate from formulas, not a measurement.
+
+:func:`estimate_memory` adds up, part by part, what one training step holds at its peak: the
+weights, the adapter with its gradients and optimizer states, what autograd keeps for the backward
+pass (read from peft's ``lora.Linear.forward`` and DoRA's ``DoraLinearLayer.forward``), the logits and
+the loss, and the short-lived buffers around the peak. :func:`estimate_for_lengths` gives it for the
+data's own lengths beside the worst case. Checked against real training steps by
+``benchmarks/memory.py`` (``benchmarks/results/memory_grid.md``).
+
+What a LoRA layer keeps for the backward pass (the frozen ``W`` keeps nothing of its own)::
+
+    x ──► W x ───────────────────────────────(+)──► y        kept: x (for A's gradient),
+    └─► x.float() ─► dropout ─► A ─► B ─► * scale           A x (for B's gradient),
+                     (mask)                                 the mask; DoRA also W x and B A x
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,17 +125,50 @@ def _logical_numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training memory
+# ---------------------------------------------------------------------------------------------------------------
+
+# Where a layer's input comes from, so that adapted layers reading the same tensor keep it once (fp32, no dropout).
+# "attn_out" is the attention output, which the attention itself already keeps; other names keep their own input.
+_SHARED_INPUT = {
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in", "c_attn": "attn_in",
+    "query_key_value": "attn_in", "Wqkv": "attn_in", "query": "attn_in", "key": "attn_in", "value": "attn_in",
+    "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "c_fc": "mlp_in", "fc1": "mlp_in",
+    "dense_h_to_4h": "mlp_in", "w1": "mlp_in", "w3": "mlp_in",
+    "o_proj": "attn_out", "out_proj": "attn_out", "dense": "attn_out",
+}
+_GATED = ("gate_proj", "gate_up_proj", "w1", "w3")
+CPU_DROPOUT_MASK_BYTES = 4  # CPU dropout keeps its mask in the input's dtype; CUDA's fused kernel keeps 1 byte
+CUDA_DROPOUT_MASK_BYTES = 1
+CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace of torch 2.x: 0.3-0.8 GiB, not in allocated
+CUDA_RESERVE_FACTOR = 1.10  # reserved / allocated of the caching allocator (fragmentation headroom)
+BACKWARD_BLOCKS = 1.0  # gradients of one block's activations exist while that block runs backward
+RUNTIME_BYTES = 64 * 2**20  # Trainer, data loader, kernel workspaces (cuBLAS on a GPU): measured 20-70 MiB on CPU
+
+
 @dataclass
 class MemoryEstimate:
-    """Estimated training memory, by part.
+    """Estimated peak training memory, by part. An estimate from formulas, checked against measurement.
+
+    ``total_bytes`` is the peak of live tensors: what ``torch.cuda.max_memory_allocated`` reports on a
+    GPU (on CPU: the peak RSS above the libraries' own). A GPU needs more than that: the caching
+    allocator reserves more than it hands out (``reserved_bytes``) and the CUDA context lives outside
+    the allocator (``cuda_context_bytes``); ``device_bytes`` adds both.
 
     Attributes:
-        parts: Part name -> bytes (weights, adapter, gradients, optimizer, activations, logits).
+        parts: Part name -> bytes. Static: weights, adapter, gradients, optimizer, runtime (Trainer, data
+            loader, kernel workspaces). Kept for the backward
+            pass (per block x blocks): norms, attention, mlp, adapter inputs, adapter outputs, dropout masks,
+            dora, checkpoints (block inputs with gradient checkpointing). Transient at the peak: backward
+            (one block's gradients, plus its recomputed activations with checkpointing), logits, autocast
+            weight copies, dequantization (4-bit), dora norm.
         batch_size: Examples per step the estimate is for.
-        seq_len: Tokens per example.
+        seq_len: Tokens per example (the padded length of the batch).
         gradient_checkpointing: Whether activations are recomputed.
         trainable: Trainable parameters.
-        notes: What the estimate leaves out.
+        device: ``cuda`` or ``cpu``: the device the estimate is for.
+        notes: What the estimate assumes or leaves out.
     """
 
     parts: dict[str, int]
@@ -131,19 +176,38 @@ class MemoryEstimate:
     seq_len: int
     gradient_checkpointing: bool
     trainable: int
+    device: str = "cpu"
     notes: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
-        """Sum of all parts."""
+        """Peak live memory: the sum of all parts (``max_memory_allocated`` on a GPU)."""
         return sum(self.parts.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the CUDA caching allocator holds at the peak (allocated plus its headroom)."""
+        return round(self.total_bytes * CUDA_RESERVE_FACTOR) if self.device == "cuda" else self.total_bytes
+
+    @property
+    def cuda_context_bytes(self) -> int:
+        """Memory the CUDA context takes outside the allocator (0 on CPU)."""
+        return CUDA_CONTEXT_BYTES if self.device == "cuda" else 0
+
+    @property
+    def device_bytes(self) -> int:
+        """What the device must have free: reserved memory plus the CUDA context."""
+        return self.reserved_bytes + self.cuda_context_bytes
 
     def __str__(self) -> str:
         ckpt = "on" if self.gradient_checkpointing else "off"
         lines = [f"Estimated training memory (batch {self.batch_size} x {self.seq_len} tokens, "
-                 f"gradient checkpointing {ckpt}, {self.trainable:,} trainable parameters):"]
-        lines += [f"  {name:<12}{_readable(size):>12}" for name, size in self.parts.items()]
-        lines.append(f"  {'total':<12}{_readable(self.total_bytes):>12}")
+                 f"gradient checkpointing {ckpt}, {self.trainable:,} trainable parameters, {self.device}):"]
+        lines += [f"  {name:<24}{_readable(size):>12}" for name, size in self.parts.items() if size]
+        lines.append(f"  {'total (peak allocated)':<24}{_readable(self.total_bytes):>12}")
+        if self.device == "cuda":
+            lines.append(f"  {'+ allocator, CUDA context':<24}{_readable(self.device_bytes - self.total_bytes):>12}"
+                         f"  -> {_readable(self.device_bytes)} on the GPU")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -157,55 +221,131 @@ def _readable(size: float) -> str:
 
 
 def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, settings: KitSettings,
-                    batch_size: int | None = None, seq_len: int | None = None) -> MemoryEstimate:
-    """Estimates the memory one training step needs. An estimate from formulas, not a measurement.
+                    batch_size: int | None = None, seq_len: int | None = None,
+                    device: str | None = None) -> MemoryEstimate:
+    """Estimates the peak memory of one training step, part by part, from the model's shapes.
 
-    With ``P`` base parameters (``P_q`` of them in quantizable linear layers, the output head excluded),
-    ``T`` trainable parameters, ``b`` batch size, ``s`` tokens, ``L`` blocks, hidden size ``h``,
-    MLP size ``i``, ``a`` attention heads, vocabulary ``V`` and ``e`` bytes per activation value
-    (2 in bf16/fp16, 4 in fp32):
+    What each part counts (``b`` examples of ``s`` tokens, ``L`` blocks, hidden size ``h``, MLP size
+    ``i``, ``a`` heads, query width ``q = a * head_dim``, key/value width ``k``, vocabulary ``V``, ``e``
+    bytes per activation (2 in bf16/fp16, 4 in fp32), adapters always float32 as peft keeps them):
 
-    - weights: ``P_q * 0.5`` bytes plus block scales (4 bytes per 64 weights, about 1.06 with double
-      quantization) in 4-bit; ``P_q * 1`` in 8-bit; the other ``P - P_q`` (and all of them without
-      quantization) at 2 bytes in bf16/fp16, 4 in fp32;
-    - adapter: ``4 T`` (adapters stay float32); gradients: ``4 T``;
-    - optimizer: ``k T`` with k = 8 for AdamW, 2 for 8-bit AdamW, 0 for SGD/Adafactor;
-    - activations per block and token, in values: ``10 h + 3 i + 2 a s`` (projections, norms and
-      residuals, the MLP, and the attention scores and probabilities of eager/math attention; flash
-      kernels avoid the ``2 a s`` term) plus, for each adapted layer, ``r`` (and its input when
-      lora_dropout > 0); times ``b s L e``. With gradient checkpointing only the block inputs are
-      kept (``b s L h e``) plus one block's activations during its recomputation;
-    - logits: ``2 * 4 b s V`` (float32 logits and their gradient).
+    - weights: the base in its storage (fp32, bf16 on a CUDA GPU in bf16, or 4-bit NF4 at 0.5 byte plus
+      block scales with the other modules in fp32, as ``prepare_model_for_kbit_training`` leaves them);
+      adapter ``4 T``, gradients ``4 T``, optimizer states ``k T`` (8 AdamW, 2 8-bit AdamW);
+    - kept by autograd per block and token (peft's ``lora.Linear.forward`` and transformers' Llama code):
+      norms ``2 (4 h + 4)`` (RMSNorm upcasts its input to fp32 and keeps it), attention ``e (2 q + 2 k) +
+      4 a`` with sdpa/flash (q, k, v, output, log-sum-exp) or ``4 q e + 4 a s`` (+ ``a s e``) with eager
+      (keys/values repeated per head, the s x s probabilities), MLP ``3 i e`` (gate, its activation, up);
+      adapter inputs: ``lora_A`` keeps its input (in fp32: once per distinct tensor; under bf16/fp16
+      autocast peft upcasts it and autocast casts it back per layer, so each adapted layer keeps its own
+      half-precision copy), ``4 r`` for ``lora_A``'s output; dropout > 0: each layer's dropped input and
+      its mask (4 bytes on CPU, 1 on CUDA); DoRA: the base and LoRA results it scales (``2 out e``);
+    - gradient checkpointing: only block inputs ``h e`` per block, plus one block recomputed at a time;
+    - transient at the peak: one block's activation gradients in the backward pass; logits and loss
+      ``V (12 + 2 [bf16])`` per token (log-softmax output, its gradient and the logits' gradient, in fp32);
+      with fp32 weights under bf16/fp16 autocast, the half-precision copies of every linear weight that
+      autograd keeps; in 4-bit, the largest dequantized weight; with DoRA, the weight-norm work of the
+      widest layer (an ``in x in`` identity and ``out x in`` copies in fp32).
+
+    On a GPU the estimate is ``max_memory_allocated``; see :attr:`MemoryEstimate.device_bytes` for what
+    the card needs on top (allocator headroom, CUDA context).
 
     Args:
         model_or_config: The base model, or its config (a parameter-free copy is built on the meta device).
         settings: The run's settings (LoRA, quantization, optimizer, precision, checkpointing).
         batch_size: Examples per step; default ``settings.train.per_device_train_batch_size``.
-        seq_len: Tokens per example; default ``settings.train.max_seq_length``.
+        seq_len: Tokens per example (a batch is padded to its longest); default ``settings.train.max_seq_length``.
+        device: ``cuda`` or ``cpu``; default: this machine's.
 
     Returns:
         The estimate by part.
     """
     model = _as_model(model_or_config)
     train = settings.train
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     b = batch_size or train.per_device_train_batch_size
     s = seq_len or train.max_seq_length
-    trainable, _ = count_trainable(model, settings.lora)
-    targets = find_targets(model)
-    act_bytes = 2 if train.resolved_precision() in ("bf16", "fp16") else 4
+    trainable, targets, adapted = _shapes(model, settings.lora)
+    precision = train.resolved_precision()
+    e = 2 if precision in ("bf16", "fp16") else 4
+    weight_bytes = 2 if precision == "bf16" and device == "cuda" else 4  # what load_model(dtype="auto") gives
+    autocast = e == 2 and (weight_bytes == 4 or settings.quant.load_in != "none")
+    d = _dims(model.config)
+    d["gated"] = any(lay.name in _GATED for lay in targets.layers)  # gate * act(up): three MLP tensors kept, not two
+    block = _block_bytes(d, adapted, settings, e, device, _attention(model.config), s)
+    tokens = b * s
+    n_blocks = max(d["layers"], 1)
+    kept = {name: round(tokens * per_token) for name, per_token in block.items()}
+    block_total = sum(kept.values()) / n_blocks
     parts = {
-        "weights": _weight_bytes(model, targets.layers, settings.quant, act_bytes),
+        "weights": _weight_bytes(model, targets, settings.quant, weight_bytes),
         "adapter": ADAPTER_BYTES * trainable,
         "gradients": ADAPTER_BYTES * trainable,
         "optimizer": OPTIMIZER_STATE_BYTES[train.optim] * trainable,
-        "activations": _activation_bytes(model.config, settings, adapted_layers(model, settings.lora), b, s,
-                                         act_bytes),
-        "logits": 2 * 4 * b * s * _dims(model.config)["vocab"],
+        "runtime": RUNTIME_BYTES,
     }
-    notes = ["an estimate from formulas: real use also depends on kernels, allocator fragmentation "
-             "and the CUDA context (about 0.3-1 GiB more on a GPU)"]
+    if train.gradient_checkpointing:
+        parts["checkpoints"] = round(tokens * n_blocks * d["hidden"] * e)
+        parts["backward"] = round(block_total * (1 + BACKWARD_BLOCKS))  # one block recomputed + its gradients
+    else:
+        parts |= kept
+        parts["backward"] = round(block_total * BACKWARD_BLOCKS)
+    parts["logits"] = tokens * d["vocab"] * (12 + (2 if e == 2 else 0))
+    parts["autocast weight copies"] = _autocast_copies(targets, settings.quant.load_in) if autocast else 0
+    parts["dequantization"] = _dequantization_bytes(targets, settings.quant)
+    parts["dora norm"] = max((lay.in_features ** 2 + 3 * lay.in_features * lay.out_features) * 4
+                             for lay in adapted) if settings.lora.use_dora and adapted else 0
+    notes = ["an estimate from formulas, checked against measured peaks on CPU (benchmarks/results/memory_grid.md); "
+             "not yet measured on a GPU",
+             f"attention: {_attention(model.config)}; precision {precision}, base weights "
+             f"{ {'4bit': '4-bit NF4', '8bit': '8-bit'}.get(settings.quant.load_in, 'bf16' if weight_bytes == 2 else 'fp32') }"]
+    if device == "cuda":
+        notes.append(f"a GPU also needs allocator headroom (x{CUDA_RESERVE_FACTOR:.2f}) and the CUDA context "
+                     f"(about {CUDA_CONTEXT_BYTES / 2**30:.1f} GiB): {_readable(CUDA_RESERVE_FACTOR * sum(parts.values()) + CUDA_CONTEXT_BYTES)} in all")
     return MemoryEstimate(parts=parts, batch_size=b, seq_len=s, gradient_checkpointing=train.gradient_checkpointing,
-                          trainable=trainable, notes=notes)
+                          trainable=trainable, device=device, notes=notes)
+
+
+def estimate_for_lengths(model_or_config: nn.Module | transformers.PretrainedConfig, settings: KitSettings,
+                         lengths: list[int], device: str | None = None) -> dict[str, MemoryEstimate]:
+    """Estimates for the data's own lengths beside the worst case ``max_seq_length``.
+
+    A batch is padded to its longest example, and the kit groups examples of similar length, so the
+    peak comes from the batch holding the longest example; a typical batch is about the median length.
+
+    Args:
+        model_or_config: The base model or its config.
+        settings: The run's settings.
+        lengths: Tokens per training example (before truncation).
+        device: ``cuda`` or ``cpu``; default: this machine's.
+
+    Returns:
+        ``{"longest batch": ..., "typical batch": ..., "worst case": ...}``; without lengths only the worst case.
+    """
+    cap = settings.train.max_seq_length
+    found = {}
+    if lengths:
+        ordered = sorted(min(n, cap) for n in lengths)
+        found["longest batch"] = estimate_memory(model_or_config, settings, seq_len=max(ordered[-1], 1), device=device)
+        found["typical batch"] = estimate_memory(model_or_config, settings, seq_len=max(ordered[len(ordered) // 2], 1),
+                                                 device=device)
+    found["worst case"] = estimate_memory(model_or_config, settings, seq_len=cap, device=device)
+    return found
+
+
+_SHAPES: dict[tuple[int, str], tuple[weakref.ref, tuple[int, Any, list[TargetLayer]]]] = {}
+
+
+def _shapes(model: nn.Module, lora: LoraSettings) -> tuple[int, Any, list[TargetLayer]]:
+    """Trainable count, adaptable layers and adapted layers; cached per model object and LoRA settings,
+    so that a planner asking for many batch sizes reads the model's layers once."""
+    key = (id(model), repr(lora))
+    cached = _SHAPES.get(key)
+    if cached is not None and cached[0]() is model:
+        return cached[1]
+    found = (count_trainable(model, lora)[0], find_targets(model, include_output_head=True), adapted_layers(model, lora))
+    _SHAPES[key] = (weakref.ref(model), found)
+    return found
 
 
 def _as_model(model_or_config: Any) -> nn.Module:
@@ -217,16 +357,36 @@ def _as_model(model_or_config: Any) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_config(model_or_config)
 
 
-def _weight_bytes(model: nn.Module, layers: list[TargetLayer], quant: Any, dense_bytes: int) -> float:
+def _attention(config: Any) -> str:
+    """The attention kernel transformers will use: sdpa unless the config asks for another."""
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def _weight_bytes(model: nn.Module, targets: Any, quant: Any, dense_bytes: int) -> float:
     total = sum(_logical_numel(p) for p in model.parameters())
-    quantizable = sum(lay.in_features * lay.out_features for lay in layers)
     if quant.load_in == "none":
         return total * dense_bytes
+    quantizable = sum(lay.in_features * lay.out_features for lay in targets.layers if lay.path != targets.output_head)
     per_weight = 1.0
     if quant.load_in == "4bit":
         scale = (1 + 4 / DOUBLE_QUANT_BLOCK) if quant.bnb_4bit_use_double_quant else 4
         per_weight = 0.5 + scale / NF4_BLOCK
-    return round(quantizable * per_weight + (total - quantizable) * dense_bytes)
+    return round(quantizable * per_weight + (total - quantizable) * 4)  # the rest: fp32 after kbit preparation
+
+
+def _autocast_copies(targets: Any, load_in: str) -> int:
+    """Half-precision copies autocast makes of fp32 linear weights, kept by autograd for the backward pass."""
+    dense = [lay for lay in targets.layers if load_in == "none" or lay.path == targets.output_head]
+    return sum(lay.in_features * lay.out_features for lay in dense) * 2
+
+
+def _dequantization_bytes(targets: Any, quant: Any) -> int:
+    """4-bit: the widest layer's weight unpacked to the compute dtype, twice (forward and backward overlap)."""
+    if quant.load_in != "4bit":
+        return 0
+    compute = 4 if quant.bnb_4bit_compute_dtype == "float32" else 2
+    return 2 * compute * max((lay.in_features * lay.out_features for lay in targets.layers
+                              if lay.path != targets.output_head), default=0)
 
 
 def _dims(config: Any) -> dict[str, int]:
@@ -235,19 +395,40 @@ def _dims(config: Any) -> dict[str, int]:
         return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
 
     hidden = first("hidden_size", "n_embd")
-    return {"hidden": hidden, "layers": first("num_hidden_layers", "n_layer"),
-            "heads": first("num_attention_heads", "n_head"),
+    heads = first("num_attention_heads", "n_head")
+    head_dim = first("head_dim") or hidden // heads
+    kv_heads = first("num_key_value_heads") or heads
+    return {"hidden": hidden, "layers": first("num_hidden_layers", "n_layer"), "heads": heads,
+            "q": heads * head_dim, "kv": kv_heads * head_dim,
             "mlp": first("intermediate_size", "n_inner") or 4 * hidden, "vocab": first("vocab_size")}
 
 
-def _activation_bytes(config: Any, settings: KitSettings, adapted: list[TargetLayer], b: int, s: int,
-                      act_bytes: int) -> int:
-    d = _dims(config)
+def _block_bytes(d: dict, adapted: list[TargetLayer], settings: KitSettings, e: int, device: str,
+                 attention: str, s: int) -> dict[str, float]:
+    """Bytes per token that autograd keeps for the backward pass, summed over all blocks, by part."""
     lora = settings.lora
-    per_layer_lora = sum(lora.r + (lay.in_features if lora.lora_dropout > 0 else 0) for lay in adapted) / max(d["layers"], 1)
-    per_token = 10 * d["hidden"] + 3 * d["mlp"] + 2 * d["heads"] * s + per_layer_lora
-    block = b * s * per_token * act_bytes
-    if settings.train.gradient_checkpointing:
-        return round(b * s * d["layers"] * d["hidden"] * act_bytes + block)
-    return round(block * d["layers"])
-
+    n = max(d["layers"], 1)
+    attn = e * (2 * d["q"] + 2 * d["kv"]) + 4 * d["heads"]
+    if attention == "eager":
+        attn = 4 * d["q"] * e + d["heads"] * s * (4 + (e if e < 4 else 0))
+    mlp = (3 if d["gated"] else 2) * d["mlp"] * e
+    parts = {"norms": n * 2 * (4 * d["hidden"] + 4), "attention": n * attn, "mlp": n * mlp,
+             "adapter inputs": 0.0, "adapter outputs": 0.0, "dropout masks": 0.0, "dora": 0.0}
+    shared: set[tuple[Any, str]] = set()
+    for lay in adapted:
+        parts["adapter outputs"] += 4 * lora.r
+        if lora.lora_dropout > 0:  # lora_A keeps the dropped input (in the compute dtype), dropout its mask
+            parts["adapter inputs"] += e * lay.in_features
+            parts["dropout masks"] += lay.in_features * (CPU_DROPOUT_MASK_BYTES if device == "cpu"
+                                                         else CUDA_DROPOUT_MASK_BYTES)
+        elif e == 2:  # bf16/fp16 autocast: each lora_A casts its (fp32-upcast) input and keeps its own copy
+            parts["adapter inputs"] += 2 * lay.in_features
+        else:  # fp32: layers reading the same tensor keep it once
+            source = _SHARED_INPUT.get(lay.name, lay.path)
+            key = (lay.layer_index, source)
+            if source != "attn_out" and key not in shared:
+                shared.add(key)
+                parts["adapter inputs"] += 4 * lay.in_features
+        if lora.use_dora:  # (m / norm - 1) * base_result + (m / norm) * lora_result keeps both results
+            parts["dora"] += 2 * lay.out_features * e
+    return parts

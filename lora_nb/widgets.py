@@ -234,6 +234,8 @@ class LoraConfigurator:
         self.warnings: list[str] = []
         self.trainable: tuple[int, int] | None = None
         self.memory: Any = None
+        self.memory_by_length: dict[str, Any] = {}  # "longest batch" / "typical batch" / "worst case" estimates
+        self.data_lengths: list[int] = []  # tokens per training example, from set_data_lengths
         self.message = ""  # result of the last button action (save, load, preset)
         self.widget = self._build()
         self._write_controls()
@@ -437,11 +439,12 @@ class LoraConfigurator:
 
         self._trainable_html = _html("lora-nb-trainable")
         self._memory_html = _html("lora-nb-memory")
+        self._gpu = _gpu_dropdown(self._on_gpu)
         self._warnings_html = _html("lora-nb-warnings")
         self._errors_html = _html("lora-nb-errors")
         self._message_html = _html("lora-nb-message")
         self.save_bar = SaveBar(self.run_dir / EXPORT_FILES["kit"], lambda: self.save("kit"), lambda: self.draft)
-        panel = W.VBox([W.HTML("<b>Live check</b>"), self.save_bar.widget, self._trainable_html, self._memory_html,
+        panel = W.VBox([W.HTML("<b>Live check</b>"), self.save_bar.widget, self._trainable_html, self._gpu, self._memory_html,
                         self._warnings_html, self._errors_html, self._message_html],
                        layout=W.Layout(width="400px", min_width="400px", border="1px solid #ccc", padding="6px"))
         panel.add_class("lora-nb-panel")
@@ -720,7 +723,7 @@ class LoraConfigurator:
 
     def _refresh(self) -> None:
         """Re-validates the draft and recomputes counts, memory, warnings and the exports."""
-        from lora_nb.estimate import count_trainable, estimate_memory
+        from lora_nb.estimate import count_trainable
 
         draft = self._draft
         errors = list(self._parse_errors.values())
@@ -738,7 +741,7 @@ class LoraConfigurator:
         if not errors and self.model is not None:
             try:
                 self.trainable = count_trainable(self.model, draft.lora)
-                self.memory = estimate_memory(self.model, draft)
+                self._estimate_memory(draft)
             except Exception as err:
                 errors.append(f"could not count parameters: {err}")
         self.errors, self.warnings = errors, warnings
@@ -757,7 +760,7 @@ class LoraConfigurator:
         else:
             self._trainable_html.value = ("<b>Trainable parameters:</b> <span class='lora-nb-trainable-count'>"
                                           "n/a</span> (fix the errors below)")
-        self._memory_html.value = _memory_html(self.memory) if self.memory is not None else ""
+        self._memory_html.value = self._memory_panel_html()
         self._warnings_html.value = _list_html("Warnings", self.warnings, "#a60")
         self._errors_html.value = _list_html("Errors", self.errors, "#b00")
 
@@ -769,6 +772,58 @@ class LoraConfigurator:
             self.controls[_label(key)].disabled = bool(reason)
             note.value = f"<small style='color:#777'>{html.escape(_label(key))}: {html.escape(reason)}</small>"
             note.layout.display = "block" if reason else "none"
+
+    # -- memory panel: the data's own lengths and a GPU verdict -----------------------------------
+    def set_data_lengths(self, data: Any) -> None:
+        """Makes the memory panel estimate the data's own lengths (longest and typical batch) beside the worst case.
+
+        Args:
+            data: Tokens per example (a list of ints), or a tokenized data set with ``input_ids``
+                (``data.tokenize_examples``); an empty list goes back to the worst case only.
+        """
+        if hasattr(data, "column_names") or isinstance(data, dict):
+            data = [len(ids) for ids in data["input_ids"]]
+        self.data_lengths = [int(n) for n in data]
+        self._refresh()
+
+    def _estimate_memory(self, draft: KitSettings) -> None:
+        from lora_nb.estimate import estimate_for_lengths
+
+        self.memory_by_length = estimate_for_lengths(self.model, draft, self.data_lengths)
+        self.memory = next(iter(self.memory_by_length.values()))  # the data's longest batch when known
+
+    def _on_gpu(self, change: dict[str, Any]) -> None:
+        self._memory_html.value = self._memory_panel_html()
+
+    def gpu_verdict(self) -> Any:
+        """The planner's :class:`~lora_nb.fit.FitReport` for the chosen GPU (at the data's longest batch), or None."""
+        from lora_nb.fit import plan_fit
+
+        if self._gpu.value == _NO_GPU or self.memory is None or self.model is None:
+            return None
+        return plan_fit(self.model.config, self._gpu.value, settings=self._draft, seq_len=self.memory.seq_len)
+
+    def _memory_panel_html(self) -> str:
+        if self.memory is None:
+            return ""
+        text = _memory_html(self.memory)
+        if len(self.memory_by_length) > 1:
+            rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{m.batch_size} x {m.seq_len}</td>"
+                           f"<td style='text-align:right'>{_mib(m.total_bytes)}</td></tr>"
+                           for name, m in self.memory_by_length.items())
+            text = (f"<b>For your data</b> ({len(self.data_lengths)} examples):<table class='lora-nb-lengths'>{rows}"
+                    f"</table>" + text)
+        try:
+            report = self.gpu_verdict()
+        except Exception as err:  # an estimate problem must not break the panel
+            return text + f"<br><small>no GPU verdict: {html.escape(str(err))}</small>"
+        if report is not None:
+            color = {"fits": "#070", "tight": "#a60"}.get(report.verdict, "#b00")
+            text += (f"<div class='lora-nb-verdict'><b>On a {html.escape(report.gpu)}:</b> <span style='color:{color}'>"
+                     f"<b>{report.verdict}</b></span> (needs about {report.need_bytes / 2**30:.1f} of "
+                     f"{report.memory_bytes / 2**30:.1f} GiB; largest batch {report.largest_batch or 'none'})"
+                     + (f"<br>to make it fit: {html.escape(report.fix)}" if report.fix else "") + "</div>")
+        return text
 
     def _show_message(self) -> None:
         self._message_html.value = self.message
@@ -939,10 +994,23 @@ def _mib(size: float) -> str:
     return f"{size / 2**20:,.1f} MiB"
 
 
+_NO_GPU = "(no GPU verdict)"
+
+
+def _gpu_dropdown(handler: Any) -> W.Dropdown:
+    from lora_nb.fit import GPUS
+
+    dropdown = W.Dropdown(options=[_NO_GPU, *GPUS], value=_NO_GPU, description="will it fit on",
+                          tooltip="Verdict of the fit planner (lora_nb.fit) for this GPU", style=_STYLE)
+    dropdown.add_class("lora-nb-gpu")
+    dropdown.observe(handler, names="value")
+    return dropdown
+
+
 def _memory_html(memory: Any) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{_mib(v)}</td></tr>"
-                   for k, v in memory.parts.items())
-    return (f"<b>Memory estimate</b> (batch {memory.batch_size} x {memory.seq_len} tokens):"
+                   for k, v in memory.parts.items() if v)
+    return (f"<b>Memory estimate</b> (batch {memory.batch_size} x {memory.seq_len} tokens, {memory.device}):"
             f"<table>{rows}<tr><td><b>total</b></td><td style='text-align:right'><b>{_mib(memory.total_bytes)}"
             f"</b></td></tr></table><small>{html.escape(memory.notes[0]) if memory.notes else ''}</small>")
 
