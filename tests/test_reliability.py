@@ -670,7 +670,7 @@ def _train_notebook_run_twice(tmp_path: Path, monkeypatch) -> list[list[tuple[in
     (tmp_path / "notebooks").mkdir()
     notebook = nbformat.read(root / "notebooks" / "03_train.ipynb", as_version=4)
     cell = next(i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and "result = train(" in c.source)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
+    client = NotebookClient(notebook, timeout=1800, kernel_name="python3",  # a busy machine: minutes per cell
                             resources={"metadata": {"path": str(tmp_path / "notebooks")}})
     with client.setup_kernel():
         for i, code in enumerate(notebook.cells):
