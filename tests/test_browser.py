@@ -129,8 +129,6 @@ def test_r_slider_save_button_and_03_reads_the_saved_r(lab, tmp_path):
 
             configurator = page.locator(".lora-nb-configurator")
             configurator.scroll_into_view_if_needed()
-            (REPO / "runs").mkdir(exist_ok=True)
-            (REPO / "runs" / "browser-configurator.html").write_text(configurator.inner_html())
             handle = page.locator(".lora-nb-r .noUi-handle")
             handle.focus()
             page.keyboard.press("ArrowRight")  # the next power of two: 16 -> 32
@@ -162,6 +160,7 @@ def test_r_slider_save_button_and_03_reads_the_saved_r(lab, tmp_path):
             _screenshot(page, tmp_path, "browser-train-settings.png")
         except Exception:
             _screenshot(page, tmp_path, "browser-failure.png")  # what the page showed, for a person to look at
+            (REPO / "runs" / "browser-failure.html").write_text(page.content())
             raise
         finally:
             browser.close()
