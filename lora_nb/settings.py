@@ -698,7 +698,7 @@ class TrainSettings:
         "Put each batch's examples one after another in a single row, with no padding, each example still "
         "attending only to itself (position_ids restart per example): no compute goes to padding. Checked on "
         "the model before training; a model that cannot take packed rows falls back to padded batches with "
-        "a warning. Loss and gradients are those of the same examples padded (benchmarks/results/report.md).",
+        "a warning. Loss and gradients are those of the same examples padded (tests/test_batching.py).",
         "data"))
 
     def problems(self) -> list[str]:
