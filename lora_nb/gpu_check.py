@@ -328,19 +328,23 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
     counted: list[int] = []
 
     def count(batch: dict) -> dict:
-        counted.append(int(batch["attention_mask"].sum()))
+        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()  # packed rows hold no padding
+        counted.append(int(real))
         return batch
 
     if path == "kit":
+        from lora_nb.batching import PackedCollator
         from lora_nb.data import PadCollator
         from lora_nb.train import train
 
-        original = PadCollator.__call__
-        PadCollator.__call__ = lambda self, features: count(original(self, features))  # count what the kit batches
+        originals = {cls: cls.__call__ for cls in (PadCollator, PackedCollator)}
+        for cls, original in originals.items():  # count what the kit batches, padded or packed
+            cls.__call__ = lambda self, features, original=original: count(original(self, features))
         try:
             train(model, tokenizer, data, settings, run_dir, callbacks=[timer.callback])
         finally:
-            PadCollator.__call__ = original
+            for cls, original in originals.items():
+                cls.__call__ = original
         return counted
     import transformers
     from peft import get_peft_model

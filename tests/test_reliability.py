@@ -30,6 +30,7 @@ from lora_nb.pipeline import configure
 from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
 from lora_nb.files import write_text_atomic
 from lora_nb.train import RunFolder, _with_adapter, save_adapter, train
+from tests.test_train import StopAfter
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # "No space left on device"
 EACCES = PermissionError(errno.EACCES, os.strerror(errno.EACCES))  # "Permission denied"
@@ -354,17 +355,6 @@ def test_weight_rewriting_init_keeps_the_base_and_saves_a_plain_lora(init, tiny_
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(result.run_dir, tmp_path / "merged"))
     with torch.no_grad():
         assert (merged(input_ids=ids).logits - probe.logits).abs().max() < 1e-4
-
-
-class StopAfter(TrainerCallback):
-    """Save a checkpoint after step `n` and end training, as an interruption would."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.n:
-            control.should_save = control.should_training_stop = True
 
 
 def test_a_pissa_run_resumes_to_the_uninterrupted_losses(tiny_model_dir, tokenizer, examples, tmp_path):
