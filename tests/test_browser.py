@@ -12,16 +12,12 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.lab_server import free_port, running_lab
 
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # the real binary; the /usr/bin wrapper fails here
 REPO = Path(__file__).resolve().parent.parent
@@ -39,12 +35,6 @@ KERNEL_IDLE = """() => {
     const kernel = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
     return !!kernel && kernel.status === 'idle';
 }"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -70,35 +60,13 @@ def lab(tmp_path):
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
                JUPYTER_DATA_DIR=str(home / "data"), IPYTHONDIR=str(home / "ipython"), HF_HUB_OFFLINE="1",
                JUPYTER_PLATFORM_DIRS="1")
-    port, token = _free_port(), secrets.token_hex(16)
-    log = (tmp_path / "lab.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         f"--LabApp.user_settings_dir={settings_dir}", f"--LabApp.workspaces_dir={home / 'workspaces'}",
-         "--LabApp.news_url=None", "--LabApp.expose_app_in_browser=True"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"JupyterLab did not start:\n{(tmp_path / 'lab.log').read_text()[-3000:]}")
-            time.sleep(0.3)
+    port, token = free_port(), secrets.token_hex(16)
+    args = ["--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            f"--LabApp.user_settings_dir={settings_dir}", f"--LabApp.workspaces_dir={home / 'workspaces'}",
+            "--LabApp.news_url=None", "--LabApp.expose_app_in_browser=True"]
+    with running_lab(args, port=port, token=token, env=env, log=tmp_path / "lab.log", cwd=root, timeout=60) as url:
         yield {"url": url, "token": token, "root": root}
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def _screenshot(page, tmp_path, name: str) -> None:
