@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from lora_nb.errors import SettingsError, quote
+from lora_nb.probes import cuda_available
 from lora_nb.targets import TargetLayer, find_targets
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     """
     model = _as_model(model_or_config)
     train = settings.train
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if cuda_available() else "cpu")
     b = batch_size or train.per_device_train_batch_size
     s = seq_len or train.max_seq_length
     trainable, targets, adapted = _shapes(model, settings.lora)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import SettingsError
+from .run_folder import new_run_dir
 
 
 def launch_command(processes: int, run_args: Sequence[str] = (), cpu: bool = False,
@@ -43,8 +44,6 @@ def launch_command(processes: int, run_args: Sequence[str] = (), cpu: bool = Fal
     Raises:
         SettingsError: `processes` is below 1.
     """
-    from .runs import new_run_dir
-
     if processes < 1:
         raise SettingsError(f"--gpus is {processes}; it must be at least 1 (one process per GPU).")
     run_args = list(run_args)

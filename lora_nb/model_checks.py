@@ -18,6 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn as nn
+
+from .data import read_records
 from .errors import DataError, ModelLoadError, SettingsError
 
 _POSITION_NAMES = ("wpe", "position_embeddings", "embed_positions", "pos_emb")
@@ -39,8 +43,6 @@ def check_causal(model) -> None:
     Raises:
         ModelLoadError: earlier positions changed.
     """
-    import torch
-
     config = model.config
     vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 2) or 2
     ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % vocab
@@ -69,8 +71,6 @@ def position_limit(model) -> tuple[int, bool] | None:
         IndexError past its rows), False for a trained length from the config (rotary models run
         past it, with worse results). None when the model states no limit.
     """
-    import torch.nn as nn
-
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_NAMES:
             return module.num_embeddings - int(getattr(module, "offset", 0)), True  # OPT keeps 2 extra rows
@@ -145,11 +145,9 @@ def _where(source: Any, index: int | None) -> str:
     if index is None:
         return "an example"
     if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
-        from .data import _read_file
-
         path = Path(source).expanduser()
         try:
-            number = _read_file(path)[index][0]
+            number = read_records(path)[index][0]
         except (DataError, IndexError):
             return f"{path}, example {index + 1}"
         label = ":" if path.suffix.lower() in (".jsonl", ".csv") else ", record "
