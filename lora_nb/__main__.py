@@ -152,7 +152,14 @@ def _gpu_check(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C)."""
+    """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C).
+
+    Args:
+        argv: The arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit status.
+    """
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "launch":  # only `launch` passes its other arguments on (to `run`)

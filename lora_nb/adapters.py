@@ -64,18 +64,30 @@ _UNCONVERTIBLE_INITS = ("loftq",)
 
 
 def rewrites_base_weights(init: Any) -> bool:
-    """Whether a peft `init_lora_weights` value changes the base model's weights when the adapter is made."""
+    """Whether a peft `init_lora_weights` value changes the base model's weights when the adapter is made.
+
+    Args:
+        init: The value (`True`, `"gaussian"`, `"pissa_niter_4"`, ...).
+    """
     name = str(init).lower()
     return name.startswith("pissa") or name in CONVERTIBLE_INITS + _UNCONVERTIBLE_INITS
 
 
 def has_adapter(model) -> bool:
-    """Whether the model is a `PeftModel` or holds adapter layers injected by peft."""
+    """Whether the model is a `PeftModel` or holds adapter layers injected by peft.
+
+    Args:
+        model: A transformers model or a `PeftModel`.
+    """
     return isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def adapter_init(model) -> Any:
-    """The `init_lora_weights` of the model's active adapter (None when it has none or peft does not say)."""
+    """The `init_lora_weights` of the model's active adapter (None when it has none or peft does not say).
+
+    Args:
+        model: A `PeftModel`, or a model peft wrapped in place.
+    """
     configs = getattr(model, "peft_config", None) or {}
     names = getattr(model, "active_adapters", None) or list(configs)
     for name in names if isinstance(names, list) else [names]:
@@ -90,6 +102,12 @@ def base_model(model):
     A `PeftModel` is unwrapped; a plain model whose layers an earlier `get_peft_model` replaced in
     place (a re-run notebook cell) gets its own layers back. The weights are the base weights: the
     kit's `train` leaves no rewritten base behind (see `restore_base_weights`).
+
+    Args:
+        model: A `PeftModel`, a model with adapter layers, or a plain model (returned as it is).
+
+    Returns:
+        The base model (the same object for a plain model or one wrapped in place).
 
     Raises:
         SettingsError: the adapter came from an init that rewrote the base weights and was not
@@ -124,6 +142,11 @@ def base_model(model):
 def check_init_supported(init: Any, model, use_dora: bool) -> None:
     """Refuse weight-rewriting inits where the kit cannot undo them faithfully.
 
+    Args:
+        init: The adapter's `init_lora_weights`.
+        model: The base model the adapter goes on.
+        use_dora: Whether the adapter is a DoRA one.
+
     Raises:
         SettingsError: on a 4-bit/8-bit base (the residual is re-quantized, so W cannot be put back
             exactly; PiSSA refuses it anyway), or with DoRA (peft's conversion drops the magnitude).
@@ -146,6 +169,10 @@ def check_init_supported(init: Any, model, use_dora: bool) -> None:
 def save_initial_adapter(peft_model, run_dir: Path) -> Path | None:
     """Save the adapter as made, before training, when its init rewrote the base (peft's documented first step).
 
+    Args:
+        peft_model: The `PeftModel` right after `get_peft_model`.
+        run_dir: The run folder.
+
     Returns:
         The folder (`run_dir/initial_adapter`), or None when the init leaves the base alone.
     """
@@ -167,6 +194,10 @@ def restore_base_weights(peft_model, initial_dir: Path) -> None:
 
     Afterwards the base weights are the original ones and the live adapter is no longer the
     trained one: load the converted adapter (see `train`) or take it off with `base_model`.
+
+    Args:
+        peft_model: The trained `PeftModel` whose base holds W_res.
+        initial_dir: The folder `save_initial_adapter` wrote.
     """
     initial = load_file(str(Path(initial_dir) / ADAPTER_WEIGHTS_FILE))
     with torch.no_grad():
@@ -183,7 +214,16 @@ def restore_base_weights(peft_model, initial_dir: Path) -> None:
 
 
 def load_converted(base, adapter_dir: Path, trainable: bool = False):
-    """The base model with the converted (plain LoRA) adapter put on, as `load_adapter` would."""
+    """The base model with the converted (plain LoRA) adapter put on, as `load_adapter` would.
+
+    Args:
+        base: The base model with its weights restored.
+        adapter_dir: The converted adapter's folder.
+        trainable: Keep the adapter weights trainable.
+
+    Returns:
+        The `PeftModel`.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
@@ -191,6 +231,9 @@ def load_converted(base, adapter_dir: Path, trainable: bool = False):
 
 def check_pristine_base(model) -> None:
     """Refuse "before" numbers from a model whose base weights an init rewrote and nobody put back.
+
+    Args:
+        model: The model about to answer with its adapter off.
 
     Raises:
         ModelLoadError: the adapter off would give the residual W_res, not the base model.
@@ -247,6 +290,12 @@ def save_adapter(model, target: str | Path, convert_from: Path | None = None) ->
 def find_adapter(run_or_adapter_dir: str | Path) -> Path:
     """The adapter folder of a run folder (its `adapter/`), or the folder itself when it is one.
 
+    Args:
+        run_or_adapter_dir: A run folder or an adapter folder.
+
+    Returns:
+        The folder that holds `adapter_config.json`.
+
     Raises:
         RunFolderError: Neither holds `adapter_config.json`.
     """
@@ -270,6 +319,10 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
 
     Returns:
         The `PeftModel`.
+
+    Raises:
+        ModelLoadError: a file of the adapter is cut short or emptied, or the adapter does not fit
+            the base model (another architecture or size): the message names the base it was trained on.
     """
     folder = find_adapter(adapter_dir)
     for file in sorted(folder.iterdir()):
@@ -321,7 +374,18 @@ def _warn_other_weights(base_model, adapter_folder: Path) -> None:
 
 
 def base_model_of(run_or_adapter_dir: str | Path) -> str:
-    """Which base model an adapter belongs to: the run's `model_name_or_path`, else the adapter config's."""
+    """Which base model an adapter belongs to: the run's `model_name_or_path`, else the adapter config's.
+
+    Args:
+        run_or_adapter_dir: A run folder or an adapter folder.
+
+    Returns:
+        The base model's hub ID or folder.
+
+    Raises:
+        RunFolderError: the folder holds no adapter.
+        ModelLoadError: neither the run nor the adapter config names the base model.
+    """
     path = Path(run_or_adapter_dir).expanduser()
     if (path / RUN_FILE).exists():
         name = RunFolder(path).read_run().get("model_name_or_path")
@@ -369,7 +433,6 @@ def merge_adapter(run_or_adapter_dir: str | Path, out_dir: str | Path, base: str
         (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     return write_folder_atomic(out, write)
-
 
 
 def _check_merge_target(out: Path, base: Path, adapter: Path) -> None:

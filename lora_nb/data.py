@@ -289,6 +289,13 @@ def render_prompt(messages: Sequence[dict], tokenizer) -> str:
 
     Uses the tokenizer's chat template (with the generation prompt) when it has one, else the
     plain `### Instruction / ### Response` format.
+
+    Args:
+        messages: The chat before the answer (`[{"role": ..., "content": ...}]`), all of it rendered.
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        The prompt text, ending where the answer starts.
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -420,6 +427,14 @@ def padding_efficiency(lengths: Sequence[int], batch_size: int, order: Sequence[
     """Share of the padded batch positions that hold real tokens, batching `order` (default: as given).
 
     1.0 means no padding; 0.5 means half of the compute goes to padding.
+
+    Args:
+        lengths: Token count of each example.
+        batch_size: Examples per batch.
+        order: The order the examples are batched in (indices into `lengths`).
+
+    Returns:
+        Real tokens divided by padded positions, from 0 to 1.
     """
     order = list(range(len(lengths))) if order is None else list(order)
     real = padded = 0
@@ -466,6 +481,14 @@ def show_example(tokenized, tokenizer, i: int = 0) -> str:
     """Decode example `i` with the tokens left out of the loss between `[MASKED>` and `<MASKED]`.
 
     What lies outside the markers is what the model learns to write.
+
+    Args:
+        tokenized: `tokenize_examples` output.
+        tokenizer: The tokenizer that made it.
+        i: Which example.
+
+    Returns:
+        The decoded text with the markers.
     """
     if not 0 <= i < len(tokenized):
         raise IndexError(f"Example {i} does not exist; the data set has {len(tokenized)} examples (0-{len(tokenized) - 1}).")

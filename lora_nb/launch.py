@@ -72,5 +72,12 @@ def process_device_map() -> str | dict[str, int]:
 
 
 def format_command(command: Sequence[str]) -> str:
-    """A command as one shell line."""
+    """A command as one shell line.
+
+    Args:
+        command: The arguments, as `launch_command` returns them.
+
+    Returns:
+        The line, quoted for a POSIX shell.
+    """
     return shlex.join(command)

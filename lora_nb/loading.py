@@ -253,6 +253,9 @@ def load_tokenizer(name_or_path: str, padding_side: Literal["right", "left"] = "
         name_or_path: Hub ID or local folder (already resolved, or resolvable by `resolve_model`).
         padding_side: "right" for training, "left" for batched generation.
 
+    Returns:
+        The tokenizer.
+
     Raises:
         ModelLoadError: No tokenizer can be loaded, or it has neither a pad nor an EOS token.
     """
@@ -280,6 +283,9 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
     On a CPU with AVX512-BF16, the first no-grad eval-mode forward of a `Linear4bit` repacks its
     weight in place for a faster inference kernel; the backward pass still reads it in the old
     layout, so LoRA gradients are silently wrong from then on (measured: up to 287% off).
+
+    Args:
+        model: A model, quantized or not (a model without 4-bit layers is left as it is).
 
     Returns:
         How many modules had the switch.

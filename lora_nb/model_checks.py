@@ -28,7 +28,14 @@ _POSITION_NAMES = ("wpe", "position_embeddings", "embed_positions", "pos_emb")
 
 
 def model_name(model) -> str:
-    """How messages name a model: its folder or hub ID and its architecture."""
+    """How messages name a model: its folder or hub ID and its architecture.
+
+    Args:
+        model: A transformers model (or a peft model around one).
+
+    Returns:
+        E.g. `'HuggingFaceTB/SmolLM2-135M-Instruct' (llama)`.
+    """
     config = getattr(model, "config", None)
     where = str(getattr(config, "_name_or_path", "") or "this model")
     return f"{where!r} ({getattr(config, 'model_type', type(model).__name__)})"
@@ -39,6 +46,9 @@ def check_causal(model) -> None:
 
     Two forwards of 4-token inputs that differ only in the last token: in a causal LM the logits
     of the first three positions are the same for both (a random-init BERT moves them by 0.5%).
+
+    Args:
+        model: The model to train.
 
     Raises:
         ModelLoadError: earlier positions changed.
@@ -65,6 +75,9 @@ def check_causal(model) -> None:
 
 def position_limit(model) -> tuple[int, bool] | None:
     """The longest input the model takes, and whether exceeding it crashes.
+
+    Args:
+        model: A transformers model.
 
     Returns:
         `(limit, learned)`: `learned` is True for a table of learned position embeddings (an

@@ -95,6 +95,10 @@ def training_settings(root: str | Path = "runs", preset: str = DEFAULT_PRESET):
     """Settings for a notebook's training run: `<root>/configured.yaml` (saved by 02_configure_lora) when
     it exists, else the preset.
 
+    Args:
+        root: The notebooks' runs folder.
+        preset: The preset used when nothing was saved.
+
     Returns:
         `(settings, source)`: the checked `KitSettings` and a phrase saying where they came from.
     """
@@ -109,6 +113,11 @@ def ensure_run(root: str | Path = "runs", preset: str = DEFAULT_PRESET, log: Cal
 
     Lets the evaluation notebook run on its own: without a run from 03_train it trains the demo
     model on the demo data (the "demo-cpu" preset: 12 steps, about a minute on CPU).
+
+    Args:
+        root: The folder holding run folders.
+        preset: The preset to train with when there is no run.
+        log: Where progress lines go.
 
     Returns:
         The run folder.

@@ -181,7 +181,14 @@ def loss_points(source: Any) -> tuple[Points, Points]:
 
 
 def lr_points(source: Any) -> Points:
-    """The `(step, learning_rate)` points of a run (same sources as `loss_points`)."""
+    """The `(step, learning_rate)` points of a run (same sources as `loss_points`).
+
+    Args:
+        source: A `TrainResult`, a `RunInfo`, a run folder, or log records.
+
+    Returns:
+        The points of the logged training steps (none for a `RunInfo` whose folder holds no log).
+    """
     if hasattr(source, "history"):  # a TrainResult
         source = source.history
     elif hasattr(source, "train_losses"):  # a RunInfo: its folder's log
@@ -339,7 +346,14 @@ class LiveLossPlot(TrainerCallback):
             self.redraw(max_steps=state.max_steps)
 
     def redraw(self, max_steps: int | None = None) -> Figure:
-        """Draw the current points (and update the notebook output when displaying)."""
+        """Draw the current points (and update the notebook output when displaying).
+
+        Args:
+            max_steps: The run's optimizer steps (the x-axis ends there), when known.
+
+        Returns:
+            The figure.
+        """
         if self.figure is None:
             self.figure, (self._ax, self._lr_ax) = _new_figure(11.0, 4.0, ncols=2)
         ax = self._ax

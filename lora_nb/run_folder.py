@@ -101,7 +101,11 @@ class RunFolder:
     adapter_dir = property(lambda self: self.path / ADAPTER_DIR)
 
     def checkpoints(self) -> list[Path]:
-        """Checkpoint folders, oldest (lowest step) first."""
+        """Checkpoint folders, oldest (lowest step) first.
+
+        Returns:
+            The `checkpoint-N` folders (none when the folder does not exist).
+        """
         if not self.path.is_dir():
             return []
         found = [p for p in self.path.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
@@ -174,7 +178,11 @@ class RunFolder:
         return records
 
     def written(self) -> set[str]:
-        """Names of the files the kit wrote here, as the folder's run.json records them."""
+        """Names of the files the kit wrote here, as the folder's run.json records them.
+
+        Returns:
+            The names; a run folder of an earlier kit version without the record gives all of `RUN_FILES`.
+        """
         if not self.run_file.exists():
             return set()
         data = self.read_run()
@@ -185,7 +193,11 @@ class RunFolder:
         self.write_run(written=sorted(self.written() | set(names)))
 
     def foreign_files(self) -> list[str]:
-        """Files with the names a run writes that the kit did not write here (the user's own)."""
+        """Files with the names a run writes that the kit did not write here (the user's own).
+
+        Returns:
+            The names, sorted; checkpoints count as the kit's when its run.json is there.
+        """
         if not self.path.is_dir():
             return []
         ours = self.written()
@@ -212,11 +224,25 @@ class RunFolder:
             )
 
     def lock(self) -> "_RunLock":
-        """Hold the folder for one run (a context manager); a second run into it gets a `RunFolderError`."""
+        """Hold the folder for one run (a context manager); a second run into it gets a `RunFolderError`.
+
+        Returns:
+            The lock, to use in a `with` block.
+
+        Raises:
+            RunFolderError: on entering, when another process holds the folder or it cannot be written.
+        """
         return _RunLock(self)
 
     def checkpoint_problem(self, checkpoint: Path) -> str | None:
-        """What makes a checkpoint unusable for resuming (a phrase), or None when it is whole."""
+        """What makes a checkpoint unusable for resuming (a phrase), or None when it is whole.
+
+        Args:
+            checkpoint: A `checkpoint-N` folder.
+
+        Returns:
+            A phrase such as "adapter_model.safetensors is cut short: ...", or None.
+        """
         state_file = checkpoint / TRAINER_STATE_FILE
         try:
             int(json.loads(state_file.read_text(encoding="utf-8"))["global_step"])
@@ -231,7 +257,15 @@ class RunFolder:
         return None
 
     def checkpoint_error(self, checkpoint: Path, problem: str) -> RunFolderError:
-        """The kit's error for an unusable checkpoint."""
+        """The kit's error for an unusable checkpoint.
+
+        Args:
+            checkpoint: The checkpoint folder.
+            problem: What `checkpoint_problem` said.
+
+        Returns:
+            The error, naming the folder and what to do.
+        """
         return RunFolderError(
             f"Checkpoint {checkpoint} is corrupt: {problem}. Delete that folder to resume from the one before, "
             "or start a new run."
@@ -239,6 +273,12 @@ class RunFolder:
 
     def check_checkpoint(self, checkpoint: Path) -> int:
         """The step of a checkpoint, after checking that it holds what resuming needs, whole.
+
+        Args:
+            checkpoint: A `checkpoint-N` folder.
+
+        Returns:
+            The checkpoint's global step.
 
         Raises:
             RunFolderError: the trainer state or the adapter weights are missing or unreadable, or a
@@ -291,14 +331,28 @@ class _RunLock:
         self.handle.close()
 
 
-
 def settings_yaml(settings) -> str:
-    """The settings as the kit's commented YAML, as settings.yaml holds them."""
+    """The settings as the kit's commented YAML, as settings.yaml holds them.
+
+    Args:
+        settings: A `KitSettings`.
+
+    Returns:
+        The YAML text, each key with its help as a comment (`formats.dump_settings`).
+    """
     return dump_settings(settings)
 
 
 def model_fingerprint(model) -> dict[str, Any]:
-    """Name, shape and a digest of the weights of the base model, to recognise a run folder of another model."""
+    """Name, shape and a digest of the weights of the base model, to recognise a run folder of another model.
+
+    Args:
+        model: The base model, or a `PeftModel` around it.
+
+    Returns:
+        `name_or_path`, the config's `model_type`, `hidden_size`, `num_hidden_layers`, `vocab_size`,
+        and `weights` (`weights_digest`).
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     found = {"name_or_path": str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", ""))}
@@ -315,6 +369,12 @@ def weights_digest(model) -> str:
     loaded in 4-bit, 8-bit or full precision; values are rounded to bfloat16 so that loading in
     float32 or bfloat16 gives the same digest too. Another checkpoint of the same architecture
     (a fine-tune, another size of the family) differs.
+
+    Args:
+        model: A transformers model (any precision, quantized included).
+
+    Returns:
+        16 hex digits.
     """
     weight = model.get_input_embeddings().weight.detach().reshape(-1)
     count = min(4096, weight.numel())  # integer spacing: float32 positions go wrong past 2**24 values
@@ -324,7 +384,15 @@ def weights_digest(model) -> str:
 
 
 def same_model(saved: dict, current: dict) -> bool:
-    """Whether two `model_fingerprint`s are of the same base model (the weights digest decides when both have one)."""
+    """Whether two `model_fingerprint`s are of the same base model (the weights digest decides when both have one).
+
+    Args:
+        saved: The fingerprint run.json recorded.
+        current: The fingerprint of the model at hand.
+
+    Returns:
+        True for the same model; a hub ID and its local copy count as the same when no digest decides.
+    """
     if any(saved.get(k) != current.get(k) for k in FINGERPRINT_KEYS):
         return False
     if saved.get("weights") and current.get("weights"):

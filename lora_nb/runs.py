@@ -117,7 +117,14 @@ def find_runs(root: str | Path = "runs", finished_only: bool = True) -> list[Pat
 
 
 def latest_run(root: str | Path = "runs") -> Path | None:
-    """The most recent finished run under `root`, or None."""
+    """The most recent finished run under `root`, or None.
+
+    Args:
+        root: The folder holding run folders.
+
+    Returns:
+        The folder (by run.json modification time), or None when no run there has finished.
+    """
     runs = find_runs(root)
     return runs[-1] if runs else None
 
@@ -161,7 +168,14 @@ def _short(value: Any) -> str:
 
 
 def heldout_note(sizes: dict[str, int | None]) -> str:
-    """A sentence when the runs' metrics were measured on different numbers of held-out examples, else ""."""
+    """A sentence when the runs' metrics were measured on different numbers of held-out examples, else "".
+
+    Args:
+        sizes: Each run's number of held-out examples (None when unknown).
+
+    Returns:
+        The note `compare_runs` shows above its table.
+    """
     known = {name: n for name, n in sizes.items() if n is not None}
     if len(set(known.values())) <= 1:
         return ""
@@ -216,6 +230,14 @@ def _heldout_size(metrics: dict[str, Any]) -> int | None:
 
 
 def plot_runs(run_dirs: Sequence[str | Path | RunInfo], title: str = "Loss of each run") -> Figure:
-    """The runs' training and held-out loss curves on one axes, one colour per run."""
+    """The runs' training and held-out loss curves on one axes, one colour per run.
+
+    Args:
+        run_dirs: Run folders (or `load_run` results).
+        title: The axes title.
+
+    Returns:
+        The figure.
+    """
     runs = [r if isinstance(r, RunInfo) else load_run(r) for r in run_dirs]
     return plot_losses({r.name: r for r in runs}, title=title)

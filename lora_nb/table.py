@@ -41,7 +41,14 @@ class Table(list):
 
 
 def cell_text(value: Any) -> str:
-    """How a table shows one value: floats to 4 significant digits, a chat as its last user turn, None as nothing."""
+    """How a table shows one value: floats to 4 significant digits, a chat as its last user turn, None as nothing.
+
+    Args:
+        value: A cell's value.
+
+    Returns:
+        The text shown in the cell.
+    """
     if value is None:
         return ""
     if isinstance(value, float):

@@ -412,6 +412,10 @@ def check_resumable(run_dir: str | Path, settings) -> None:
     so a wrong model or a changed `lora.r` is said at once instead of after loading. `train` checks
     the model's weights too, once it has the model.
 
+    Args:
+        run_dir: The run folder to continue.
+        settings: The `KitSettings` the continued run would use.
+
     Raises:
         RunFolderError: the folder holds no run, a run of another model, or checkpoints of another
             adapter shape.
