@@ -22,15 +22,11 @@ from typing import Any, Callable
 from .arguments import check_run_arguments
 from .demo import DEMO_MODEL_ID
 from .demo_task import demo_data_paths
-from .evaluate import evaluate_run
 from .formats import load_settings
 from .loading import describe_model, load_model
-from .plots import plot_losses
 from .presets import get_preset
 from .run_folder import (ADAPTER_DIR, GENERATIONS_FILE, LOG_FILE, LOSS_PLOT_FILE, METRICS_FILE, SETTINGS_FILE, RunFolder,
                          new_run_dir)
-from .runs import latest_run
-from .train import check_resumable, is_main_process, train
 
 DEFAULT_PRESET = "demo-cpu"
 
@@ -122,6 +118,11 @@ def ensure_run(root: str | Path = "runs", preset: str = DEFAULT_PRESET, log: Cal
     Returns:
         The run folder.
     """
+    # The stages import peft, datasets and matplotlib: only when a run starts, not for `configure`
+    # (notebooks 00 and 02 reach this module through workshop.py).
+    from .runs import latest_run
+    from .train import train
+
     found = latest_run(root)
     if found is not None:
         log(f"using the latest finished run: {found}")
@@ -172,6 +173,10 @@ def run_pipeline(
     Returns:
         A `PipelineResult`.
     """
+    from .evaluate import evaluate_run  # the stages: only when a run starts (see ensure_run)
+    from .plots import plot_losses
+    from .train import check_resumable, is_main_process, train
+
     check_run_arguments(config=config, preset=preset, model=model, data=data, heldout=heldout, out=out,
                         max_new_tokens=max_new_tokens, limit=limit)  # before any long work
     started = time.perf_counter()

@@ -87,6 +87,18 @@ def test_module_level_imports_have_no_cycle():
         visit(name, ())
 
 
+@pytest.mark.parametrize("entry", ["__init__", "environment", "workshop", "widgets", "__main__", "loading"])
+def test_light_entry_points_load_no_stage(entry):
+    """The environment check, the configurator and the CLI's --help start without peft, datasets or matplotlib."""
+    graph = {name: _imports(name, module_level_only=True) for name in _modules()}
+    reached, todo = set(), [entry]
+    while todo:
+        for child in graph[todo.pop()] - reached:
+            reached.add(child)
+            todo.append(child)
+    assert not reached & {*STAGES, "plots", "adapters", "data", "batching"}, sorted(reached)
+
+
 def test_probes_is_the_bottom_layer():
     assert _imports("probes") == set()
 
