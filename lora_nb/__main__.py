@@ -20,7 +20,13 @@ import sys
 import textwrap
 import warnings
 
+from .arguments import check_run_arguments
 from .errors import LoraNbError
+from .fit import plan_fit
+from .formats import load_settings
+from .launch import format_command, launch_command
+from .presets import PRESETS
+from .run_folder import new_run_dir
 from .settings import SECTIONS, GenerationSettings, KitSettings, field_specs
 
 # Short command-line overrides: option -> (section, field). Type, help and range come from the field.
@@ -43,8 +49,6 @@ def _spec(section: str, name: str):
 
 
 def _epilog() -> str:
-    from .presets import PRESETS
-
     lines = ["presets (--preset NAME):"]
     for name, preset in PRESETS.items():
         lines += textwrap.wrap(preset.description, width=100, initial_indent=f"  {name:<24} ",
@@ -91,8 +95,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_launch(parser: argparse.ArgumentParser, args: argparse.Namespace, run_args: list[str]) -> int:
     """Check the `run` arguments, then print the launch command."""
-    from .launch import format_command, launch_command
-
     parser.parse_args(["run", *run_args])  # a misspelled run argument fails here, not in N processes
     print(format_command(launch_command(args.gpus, run_args, cpu=args.cpu,
                                         accelerate_config=args.accelerate_config)))
@@ -115,10 +117,6 @@ def _add_fit_parser(sub) -> None:
 
 
 def _fit(args) -> None:
-    from .fit import plan_fit
-    from .formats import load_settings
-    from .settings import KitSettings
-
     settings = load_settings(args.config).settings if args.config else KitSettings()
     if args.quant is not None:
         settings.quant.load_in = args.quant
@@ -146,7 +144,7 @@ def _planning_command(args) -> int:
 
 
 def _gpu_check(args) -> None:
-    from .gpu_check import run_gpu_check
+    from .gpu_check import run_gpu_check  # trains tiny models: imports peft and datasets, only for this command
 
     report = run_gpu_check(args.out, steps=args.steps)
     print(report.markdown())
@@ -154,7 +152,14 @@ def _gpu_check(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C)."""
+    """Run the command line; returns the exit status (0 ok, 1 a problem the kit explains, 130 Ctrl+C).
+
+    Args:
+        argv: The arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit status.
+    """
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "launch":  # only `launch` passes its other arguments on (to `run`)
@@ -171,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --out: the run folder to continue")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from .arguments import check_run_arguments
-    from .pipeline import run_pipeline
-    from .runs import new_run_dir
+    from .pipeline import run_pipeline  # every stage (peft, datasets, matplotlib): not for --help, fit or launch
 
     overrides = {f"{section}.{name}": getattr(args, option)
                  for option, (section, name) in OVERRIDES.items() if getattr(args, option) is not None}

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lora_nb.errors import ArgumentError, SettingsError, quote
-from lora_nb.settings import GenerationSettings
+from .errors import ArgumentError, SettingsError, quote
+from .settings import GenerationSettings
 
 # What each path argument is, for the messages, and what leaving it out means.
 PATH_ARGUMENTS = {

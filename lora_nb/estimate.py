@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from lora_nb.errors import SettingsError, quote
-from lora_nb.targets import TargetLayer, find_targets
+from .errors import SettingsError, quote
+from .probes import cuda_available
+from .targets import TargetLayer, find_targets
 
 if TYPE_CHECKING:
     import transformers
 
-    from lora_nb.settings import KitSettings, LoraSettings
+    from .settings import KitSettings, LoraSettings
 
 # Optimizer state bytes per trainable parameter. AdamW: 2 fp32 moments. bitsandbytes 8-bit: 2 x 1 byte.
 # Adafactor keeps factored second moments (rows + columns per matrix), counted as 0 here. SGD without
@@ -262,7 +263,7 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     """
     model = _as_model(model_or_config)
     train = settings.train
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if cuda_available() else "cpu")
     b = batch_size or train.per_device_train_batch_size
     s = seq_len or train.max_seq_length
     trainable, targets, adapted = _shapes(model, settings.lora)

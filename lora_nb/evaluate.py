@@ -1,79 +1,36 @@
-"""Evaluate: held-out loss, greedy generations before and after, the task metric; save, reload, merge.
+"""Evaluate: held-out loss, greedy generations before and after, the task metric.
 
 Before/after comparisons use ONE model: a `PeftModel` answers "before" with its adapter switched
-off (`disable_adapter()`), so no second copy of the base is loaded.
-
-Merging: `merge_and_unload()` on a 4-bit base re-quantizes the merged weights, and the logits move
-(measured on the demo model: up to 8.9, only 60% of next-token choices kept). `merge_adapter`
-therefore reloads the base in full precision, loads the adapter, merges, and saves a standalone
-model folder that loads with plain `AutoModelForCausalLM.from_pretrained`.
+off (`disable_adapter()`), so no second copy of the base is loaded. Saving, reloading and merging
+an adapter live in `adapters.py`.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import datasets
+import torch
+import torch.nn.functional as F
+from jinja2 import TemplateError
+from tqdm.auto import tqdm
 
 from .adapters import check_pristine_base
-from .errors import ModelLoadError, RunFolderError
-from .files import damaged_weights
-
-if TYPE_CHECKING:
-    import torch
+from .arguments import check_generation
+from .data import IGNORE_INDEX, PadCollator, load_examples, render_prompt, tokenize_examples
+from .demo_task import score_predictions
+from .files import write_text_atomic
+from .model_checks import template_refusal
+from .run_folder import GENERATIONS_FILE, METRICS_FILE, RunFolder
+from .table import Table, cell_text
 
 Prompt = str | list[dict]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class Table(list):
-    """A list of row dicts that shows as an HTML table in a notebook and as Markdown in a file."""
-
-    def columns(self) -> list[str]:
-        """Column names, in first-seen order."""
-        names: dict[str, None] = {}
-        for row in self:
-            names.update(dict.fromkeys(row))
-        return list(names)
-
-    def _repr_html_(self) -> str:
-        head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in self.columns())
-        body = "".join(
-            "<tr>" + "".join(
-                f"<td style='text-align:left;white-space:pre-wrap'>{html.escape(_cell(row.get(c)))}</td>"
-                for c in self.columns()) + "</tr>"
-            for row in self
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def to_markdown(self) -> str:
-        """A GitHub-flavoured Markdown table (newlines and pipes escaped)."""
-        cols = self.columns()
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for row in self:
-            cells = [_cell(row.get(c)).replace("|", "\\|").replace("\n", "<br>") for c in cols]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):  # a chat: show the last user turn
-        users = [m["content"] for m in value if m.get("role") == "user"]
-        return users[-1] if users else str(value)
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,8 +48,6 @@ def prompts_and_references(data: Any, limit: int | None = None) -> tuple[list[li
     Returns:
         `(prompts, references)`: prompts as message lists, references as the answer texts.
     """
-    from .data import load_examples
-
     examples = load_examples(data)
     chats = examples["messages"][: limit if limit is not None else None]
     return [list(chat[:-1]) for chat in chats], [chat[-1]["content"] for chat in chats]
@@ -101,8 +56,6 @@ def prompts_and_references(data: Any, limit: int | None = None) -> tuple[list[li
 @contextmanager
 def _eval_mode(model) -> Iterator[None]:
     """Eval mode and no gradients for the block; the earlier mode is restored afterwards."""
-    import torch
-
     was_training = model.training
     model.eval()
     try:
@@ -159,11 +112,6 @@ def heldout_loss(model, tokenizer, data: Any, batch_size: int = 8, max_length: i
     Returns:
         `HeldoutLoss(loss, perplexity)`; unpacks as `loss, perplexity = heldout_loss(...)`.
     """
-    import datasets
-    import torch.nn.functional as F
-
-    from .data import IGNORE_INDEX, PadCollator, tokenize_examples
-
     if not (isinstance(data, datasets.Dataset) and "labels" in data.column_names):
         data = tokenize_examples(data, tokenizer, max_length)
     collate = PadCollator(tokenizer)
@@ -206,9 +154,6 @@ def generate(model, tokenizer, prompts: Prompt | Sequence[Prompt], max_new_token
     Returns:
         The answers (new text only, special tokens removed, stripped), one per prompt.
     """
-    from .arguments import check_generation
-    from .data import render_prompt
-
     check_generation(max_new_tokens)
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]
@@ -248,6 +193,15 @@ def max_logit_difference(model_a, model_b, tokenizer, texts: Sequence[str]) -> f
     """Largest absolute difference between two models' logits on the same texts (0.0 = identical).
 
     Used to check that a reloaded adapter or a merged model computes what the trained one did.
+
+    Args:
+        model_a: A causal LM or a `PeftModel`.
+        model_b: Another one with the same tokenizer.
+        tokenizer: The tokenizer (its padding side is restored afterwards).
+        texts: Plain texts, padded on the right; padding positions are not compared.
+
+    Returns:
+        The largest absolute logit difference over all real positions and the vocabulary.
     """
 
     side = tokenizer.padding_side
@@ -280,8 +234,6 @@ def compare_generations(base, tuned, tokenizer, prompts: Sequence[Prompt], refer
     Returns:
         A `Table` of rows `{"prompt", "reference", "before", "after"}` (HTML in a notebook).
     """
-    from .arguments import check_generation
-
     check_generation(max_new_tokens)  # before the first of two generation passes
     if base is None or base is tuned:
         before = generate(tuned, tokenizer, prompts, max_new_tokens, adapter=False)
@@ -290,7 +242,7 @@ def compare_generations(base, tuned, tokenizer, prompts: Sequence[Prompt], refer
     after = generate(tuned, tokenizer, prompts, max_new_tokens)
     table = Table()
     for i, prompt in enumerate(prompts):
-        row = {"prompt": _cell(_as_chat(prompt))}
+        row = {"prompt": cell_text(_as_chat(prompt))}
         if references is not None:
             row["reference"] = references[i]
         row |= {"before": before[i], "after": after[i]}
@@ -301,10 +253,6 @@ def compare_generations(base, tuned, tokenizer, prompts: Sequence[Prompt], refer
 # ---------------------------------------------------------------------------------------------------------------
 # Before/after report
 # ---------------------------------------------------------------------------------------------------------------
-
-METRICS_FILE = "metrics.json"
-GENERATIONS_FILE = "generations.md"
-
 
 @dataclass
 class EvalReport:
@@ -352,14 +300,6 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
     Returns:
         An `EvalReport`.
     """
-    from jinja2 import TemplateError
-    from tqdm.auto import tqdm
-
-    from .arguments import check_generation
-    from .data import load_examples
-    from .demo_task import score_predictions
-    from .model_checks import template_refusal
-
     check_generation(max_new_tokens, limit)  # before the slow loss and generation passes
     score = score or score_predictions
     started = time.perf_counter()
@@ -381,7 +321,7 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
         metrics[f"_{side}_answers"] = answers
     bar.close()
     before, after = metrics.pop("_before_answers"), metrics.pop("_after_answers")
-    table = Table({"prompt": _cell(p), "reference": r, "before": b, "after": a}
+    table = Table({"prompt": cell_text(p), "reference": r, "before": b, "after": a}
                   for p, r, b, a in zip(prompts, references, before, after))
     metrics["n_examples"] = len(prompts)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -392,224 +332,20 @@ def evaluate_run(model, tokenizer, heldout: Any, run_dir: str | Path | None = No
 
 
 def write_report(report: EvalReport, run_dir: str | Path) -> None:
-    """Write `metrics.json` and `generations.md` into the run folder."""
-    from .files import write_text_atomic
+    """Write `metrics.json` and `generations.md` into the run folder.
 
-    folder = _writable_run_folder(run_dir, METRICS_FILE, GENERATIONS_FILE)
+    Args:
+        report: What `evaluate_run` measured.
+        run_dir: The run folder.
+
+    Raises:
+        RunFolderError: a file of those names is there that the kit did not write (nothing is
+            overwritten), or the files cannot be written.
+    """
+    folder = RunFolder(run_dir)
+    folder.check_writable(METRICS_FILE, GENERATIONS_FILE)
     write_text_atomic(folder.path / METRICS_FILE, json.dumps(report.metrics, indent=2) + "\n")
     text = "# Generations before and after training\n\n" + report.generations.to_markdown()
     write_text_atomic(folder.path / GENERATIONS_FILE, text)
     if folder.run_file.exists():
         folder.record_written(METRICS_FILE, GENERATIONS_FILE)
-
-
-def _writable_run_folder(run_dir: str | Path, *names: str):
-    """The run folder, after checking that none of `names` there is a file the kit did not write.
-
-    Raises:
-        RunFolderError: one of them exists and the folder's run.json does not record writing it.
-    """
-    from .train import RunFolder
-
-    folder = RunFolder(run_dir)
-    ours = folder.written()
-    foreign = [n for n in names if (folder.path / n).exists() and n not in ours]
-    if foreign:
-        raise RunFolderError(
-            f"{folder.path} already holds {', '.join(foreign)}, which this kit did not write there (no run.json of "
-            "the kit records it). Nothing was overwritten: pass a run folder of the kit, or move those files away."
-        )
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Adapters: save, load, merge
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def save_adapter(model, adapter_dir: str | Path) -> Path:
-    """Save only the adapter weights and config (19.6 MB for the demo recipe: 4.9M fp32 parameters), atomically.
-
-    Args:
-        model: A `PeftModel`.
-        adapter_dir: Target folder (replaced when it exists).
-
-    Returns:
-        The folder.
-    """
-    from .train import save_adapter as _save
-
-    if not hasattr(model, "peft_config"):
-        raise RunFolderError("save_adapter needs a model with a LoRA adapter (a PeftModel); this one has none.")
-    return _save(model, Path(adapter_dir).expanduser())
-
-
-def find_adapter(run_or_adapter_dir: str | Path) -> Path:
-    """The adapter folder of a run folder (its `adapter/`), or the folder itself when it is one.
-
-    Raises:
-        RunFolderError: Neither holds `adapter_config.json`.
-    """
-    path = Path(run_or_adapter_dir).expanduser()
-    for candidate in (path, path / "adapter"):
-        if (candidate / "adapter_config.json").exists():
-            return candidate
-    raise RunFolderError(
-        f"No adapter in {path}: neither it nor {path / 'adapter'} holds adapter_config.json. Pass a run folder "
-        "after training finished, or the folder save_adapter wrote."
-    )
-
-
-def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
-    """Put a saved adapter on a base model (`PeftModel.from_pretrained`).
-
-    Args:
-        base_model: The base model it was trained on (same architecture; the precision may differ).
-        adapter_dir: An adapter folder or a run folder holding `adapter/`.
-        trainable: Keep the adapter weights trainable (to continue training).
-
-    Returns:
-        The `PeftModel`.
-    """
-    import warnings
-
-    from peft import PeftModel
-
-    folder = find_adapter(adapter_dir)
-    for file in sorted(folder.iterdir()):
-        problem = damaged_weights(file)
-        if problem:
-            raise ModelLoadError(
-                f"The adapter file {file} {problem}, so the adapter cannot be loaded. Copy it again from where it "
-                "was saved, or train the run again."
-            )
-    _warn_other_weights(base_model, folder)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return PeftModel.from_pretrained(base_model, str(folder), is_trainable=trainable)
-    except (ValueError, RuntimeError, KeyError) as err:  # peft's and torch's own refusals
-        from .model_checks import model_name
-
-        trained_on = _adapter_base(folder)
-        raise ModelLoadError(
-            f"The adapter in {folder} (trained on {trained_on!r}) does not fit {model_name(base_model)}: "
-            f"{str(err).splitlines()[0][:300]} Load the base model it was trained on "
-            "(evaluate.base_model_of(run_dir) names it) and put the adapter on that."
-        ) from None
-
-
-def _adapter_base(folder: Path) -> str:
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "an unknown model"
-    return str(config.get("base_model_name_or_path") or "an unknown model") if isinstance(config, dict) else "an unknown model"
-
-
-def _warn_other_weights(base_model, adapter_folder: Path) -> None:
-    """Warn when the run that saved the adapter recorded other base weights than `base_model` has."""
-    import warnings
-
-    from .train import RUN_FILE, RunFolder, weights_digest
-
-    run = adapter_folder.parent
-    if not (run / RUN_FILE).exists():
-        return
-    try:
-        saved = (RunFolder(run).read_run().get("model") or {}).get("weights")
-    except RunFolderError:
-        return
-    if saved and saved != weights_digest(base_model):
-        warnings.warn(
-            f"The adapter in {adapter_folder} was trained on a model with other weights than this one (same names "
-            f"and shapes, different values: {run / RUN_FILE} records another weights digest). Its answers will not "
-            "be the trained ones: load the run's base model (evaluate.base_model_of) to get them.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def base_model_of(run_or_adapter_dir: str | Path) -> str:
-    """Which base model an adapter belongs to: the run's `model_name_or_path`, else the adapter config's."""
-    from .train import RunFolder
-
-    path = Path(run_or_adapter_dir).expanduser()
-    if (path / "run.json").exists():
-        name = RunFolder(path).read_run().get("model_name_or_path")
-        if name:
-            return str(name)
-    config = json.loads((find_adapter(path) / "adapter_config.json").read_text(encoding="utf-8"))
-    name = config.get("base_model_name_or_path")
-    if not name:
-        raise ModelLoadError(f"The adapter in {path} does not say which base model it belongs to; pass base=.")
-    return name
-
-
-def merge_adapter(run_or_adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
-                  dtype: str = "float32") -> Path:
-    """Merge an adapter into a full-precision copy of its base and save a standalone model.
-
-    The base is reloaded unquantized even when training used 4-bit: merging into 4-bit weights
-    re-quantizes them and changes the model's answers.
-
-    Args:
-        run_or_adapter_dir: A run folder or an adapter folder.
-        out_dir: Where to save the merged model and its tokenizer.
-        base: Base model ID or folder (default: the one recorded with the run or adapter).
-        dtype: "float32" or "bfloat16" (half the size on disk).
-
-    Returns:
-        `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`; it also holds
-        `lora-nb-merged.json`, the kit's record that it wrote the folder (a later merge may replace it).
-
-    Raises:
-        RunFolderError: `out_dir` is a file, the base model's or the adapter's folder, or a folder
-            with files the kit did not write; nothing is overwritten then.
-    """
-    from .demo import resolve_model
-    from .files import write_folder_atomic
-    from .loading import load_model
-
-    adapter = find_adapter(run_or_adapter_dir)
-    base = base or base_model_of(run_or_adapter_dir)
-    out = Path(out_dir).expanduser()
-    _check_merge_target(out, Path(resolve_model(base)).expanduser(), adapter)
-    model, tokenizer = load_model(base, "none", dtype=dtype)
-    merged = load_adapter(model, adapter).merge_and_unload()
-
-    def write(staging: Path) -> None:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        record = {"base": str(base), "adapter": str(adapter), "dtype": dtype, "merged": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (staging / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-    return write_folder_atomic(out, write)
-
-
-MERGE_RECORD = "lora-nb-merged.json"
-
-
-def _check_merge_target(out: Path, base: Path, adapter: Path) -> None:
-    """Refuse a merge target that would overwrite what the kit did not write.
-
-    Raises:
-        RunFolderError: `out` is a file, the base model's folder (or inside or around it), the
-            adapter's folder, or a non-empty folder without the kit's merge record.
-    """
-    resolved = out.resolve()
-    for folder, what in ((base.resolve(), "the base model's folder"), (adapter.resolve(), "the adapter's folder")):
-        if folder.exists() and (resolved == folder or folder in resolved.parents or resolved in folder.parents):
-            raise RunFolderError(
-                f"Cannot merge into {out}: it is {what} ({folder}) or holds it, and merging there would overwrite "
-                "its files. Pass a new folder, e.g. runs/merged-<name>."
-            )
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"Cannot merge into {out}: it is a file, not a folder. Pass a new folder name.")
-    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_RECORD).exists():
-        names = sorted(p.name for p in out.iterdir())
-        raise RunFolderError(
-            f"Cannot merge into {out}: it already holds {names[:5]}{' ...' if len(names) > 5 else ''}, which this kit "
-            f"did not write (a merged model of the kit holds {MERGE_RECORD}). Nothing was overwritten: pass a new or "
-            "empty folder."
-        )

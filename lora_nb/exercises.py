@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .run_folder import ADAPTER_WEIGHTS_FILE
+
 if TYPE_CHECKING:
     import torch.nn
 
@@ -224,7 +226,7 @@ def adapter_size_exercise(adapter_dir: str | Path) -> Exercise:
     """Notebook 04: how many MB does the saved adapter take, from its number of parameters?"""
     from safetensors import safe_open
 
-    file = Path(adapter_dir) / "adapter_model.safetensors"
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     with safe_open(str(file), "pt") as weights:
         parameters = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
     size = file.stat().st_size

@@ -483,7 +483,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None,
     """
     from transformers import AutoConfig
 
-    from .evaluate import base_model_of, find_adapter, merge_adapter
+    from .adapters import base_model_of, find_adapter, merge_adapter
     from .loading import resolve_model
 
     bad = [t for t in gguf_types if t not in GGUF_TYPES]

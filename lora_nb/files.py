@@ -27,7 +27,16 @@ def umask() -> int:
 
 
 def cannot_write(path: Path, err: OSError, error: type[LoraNbError] = RunFolderError) -> LoraNbError:
-    """The kit's error for a failed write: what, why, and what to do."""
+    """The kit's error for a failed write: what, why, and what to do.
+
+    Args:
+        path: The file or folder that could not be written.
+        err: The operating system's error.
+        error: The kit's exception type to return.
+
+    Returns:
+        The error (to raise `from err`).
+    """
     reason = err.strerror or str(err)
     return error(
         f"Cannot write {path}: {reason}. Nothing was overwritten (the previous {path.name}, if any, is "
@@ -75,6 +84,14 @@ def write_folder_atomic(target: Path, write: Callable[[Path], None], error: type
 
     `write(staging)` fills a hidden folder beside `target`; it is then swapped in, and a folder
     already at `target` is removed only once the new one is in place.
+
+    Args:
+        target: The folder to fill (replaced when it exists).
+        write: Fills the staging folder it is given.
+        error: The kit's exception type to raise on failure.
+
+    Returns:
+        `target`.
 
     Raises:
         LoraNbError: of type `error`, when writing fails (disk full, read-only folder); a folder

@@ -29,9 +29,9 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from lora_nb.errors import ModelLoadError, SettingsError
-from lora_nb.estimate import MemoryEstimate, estimate_memory
-from lora_nb.settings import KitSettings
+from .errors import ModelLoadError, SettingsError
+from .estimate import MemoryEstimate, estimate_memory
+from .settings import KitSettings
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TIGHT_SHARE = 0.90  # above this share of the card a run is "tight"

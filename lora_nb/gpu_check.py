@@ -37,11 +37,12 @@ from typing import Any
 
 import torch
 
-from lora_nb.estimate import estimate_memory
-from lora_nb.files import write_text_atomic
-from lora_nb.errors import SettingsError
-from lora_nb.fit import Gpu, find_gpu, load_config
-from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+from .errors import SettingsError
+from .estimate import estimate_memory
+from .files import write_text_atomic
+from .fit import Gpu, find_gpu, load_config
+from .probes import bf16_supported, cuda_available, package_version
+from .settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 
 MODELS = ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B")
 STEPS = 8  # optimizer steps per variant; the first is warm-up (kernels, allocator) and is not timed
@@ -152,7 +153,7 @@ def run_gpu_check(out: str | Path | None = None, models: tuple[str, ...] = MODEL
     import transformers
 
     started = time.perf_counter()
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     smoke = (not cuda) if smoke is None else smoke
     gpu = _this_gpu() if cuda else None
     report = CheckReport(device=torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
@@ -194,21 +195,16 @@ def _this_gpu() -> Gpu:
         peak = find_gpu(name).peak_tflops
     except SettingsError:
         peak = 0.0  # unknown card: no MFU
-    return Gpu(name, memory, torch.cuda.is_bf16_supported(), peak)
+    return Gpu(name, memory, bf16_supported(), peak)
 
 
 def _bnb_version() -> str:
-    try:
-        import bitsandbytes
-
-        return bitsandbytes.__version__
-    except ImportError:
-        return "missing"
+    return package_version("bitsandbytes") or "missing"
 
 
 def _random_model(name: str, work: Path) -> Path:
     """A random-weight model folder (with the tiny test tokenizer) of a shipped config's shape."""
-    from lora_nb.demo import build_tiny_model
+    from .demo import build_tiny_model
 
     tiny = build_tiny_model(work / "tiny")
     if name == "tiny":
@@ -218,7 +214,7 @@ def _random_model(name: str, work: Path) -> Path:
     folder = work / name.replace("/", "--")
     config = load_config(name)
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device("cuda" if cuda_available() else "cpu"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     del model
@@ -257,7 +253,7 @@ class _StepTimer:
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == 1:
-                    if torch.cuda.is_available():
+                    if cuda_available():
                         torch.cuda.synchronize()
                     timer.start = time.perf_counter()
 
@@ -289,9 +285,9 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
              work: Path) -> None:
     import datasets
 
-    from lora_nb.loading import load_model
+    from .loading import load_model
 
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model, tokenizer = load_model(str(folder), settings.quant, dtype="auto", strict=True,
@@ -333,9 +329,9 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
         return batch
 
     if path == "kit":
-        from lora_nb.batching import PackedCollator
-        from lora_nb.data import PadCollator
-        from lora_nb.train import train
+        from .batching import PackedCollator
+        from .data import PadCollator
+        from .train import train
 
         originals = {cls: cls.__call__ for cls in (PadCollator, PackedCollator)}
         for cls, original in originals.items():  # count what the kit batches, padded or packed
@@ -356,7 +352,7 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
         output_dir=str(run_dir), per_device_train_batch_size=t.per_device_train_batch_size, max_steps=t.max_steps,
         learning_rate=t.learning_rate, lr_scheduler_type="constant", optim=t.optim, logging_steps=1,
         save_strategy="no", report_to="none", bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=t.gradient_checkpointing, seed=t.seed)
+        use_cpu=not cuda_available(), gradient_checkpointing=t.gradient_checkpointing, seed=t.seed)
     features = data.remove_columns(["labels"])
     trainer = transformers.Trainer(model=peft_model, args=args, train_dataset=features,
                                    data_collator=lambda rows: count(plain(rows)), callbacks=[timer.callback])
@@ -401,6 +397,6 @@ def _add_findings(report: CheckReport) -> None:
 
 def _free() -> None:
     gc.collect()
-    if torch.cuda.is_available():
+    if cuda_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

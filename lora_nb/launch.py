@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import SettingsError
+from .run_folder import new_run_dir
 
 
 def launch_command(processes: int, run_args: Sequence[str] = (), cpu: bool = False,
@@ -43,8 +44,6 @@ def launch_command(processes: int, run_args: Sequence[str] = (), cpu: bool = Fal
     Raises:
         SettingsError: `processes` is below 1.
     """
-    from .runs import new_run_dir
-
     if processes < 1:
         raise SettingsError(f"--gpus is {processes}; it must be at least 1 (one process per GPU).")
     run_args = list(run_args)
@@ -73,5 +72,12 @@ def process_device_map() -> str | dict[str, int]:
 
 
 def format_command(command: Sequence[str]) -> str:
-    """A command as one shell line."""
+    """A command as one shell line.
+
+    Args:
+        command: The arguments, as `launch_command` returns them.
+
+    Returns:
+        The line, quoted for a POSIX shell.
+    """
     return shlex.join(command)

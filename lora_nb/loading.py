@@ -18,7 +18,6 @@ stored four ways, for a bar chart.
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import warnings
@@ -27,19 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
+import torch
+import torch.nn as nn
+
 from .demo import DEMO_MODEL_ID, resolve_model
 from .errors import ModelLoadError, QuantizationUnavailable
 from .files import damaged_weights
 from .launch import process_device_map
-from .settings import bf16_supported, cuda_available
+from .probes import LoadIn, bf16_supported, cuda_available, quantization_available
+from .settings import QuantSettings
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .settings import QuantSettings
-
-LoadIn = Literal["4bit", "8bit", "none"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -87,52 +86,8 @@ def quiet_bitsandbytes() -> None:
 quiet_bitsandbytes()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Probes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def quantization_available(load_in: LoadIn) -> tuple[bool, str]:
-    """Whether bitsandbytes can store and run a layer in `load_in` here, by trying a tiny one.
-
-    Decided once per process (cached).
-
-    Args:
-        load_in: "4bit", "8bit" or "none" ("none" is always available).
-
-    Returns:
-        `(available, reason)`: the reason is one clause saying what works or what is missing.
-    """
-    import torch
-
-    if load_in == "none":
-        return True, "full precision needs no bitsandbytes"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes as bnb
-    except Exception as err:  # ImportError, or a broken native library raising at import
-        return False, f"bitsandbytes cannot be imported ({err})"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if load_in == "4bit":
-                layer = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4", compute_dtype=torch.float32)
-            else:
-                layer = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
-            layer = layer.to(device)
-            layer(torch.ones(2, 64, device=device))
-    except Exception as err:  # any backend failure means "not here", reported in words
-        return False, f"bitsandbytes {bnb.__version__} has no working {load_in} backend on {device} ({err})"
-    return True, f"bitsandbytes {bnb.__version__} runs {load_in} on {device}"
-
-
 def _resolve_dtype(dtype: Dtype | torch.dtype) -> torch.dtype:
     """'auto' = bfloat16 on a CUDA GPU that supports it, else float32 (CPU bf16 is an explicit choice)."""
-    import torch
-
     if not isinstance(dtype, str):
         return dtype
     if dtype == "auto":
@@ -145,8 +100,6 @@ def _resolve_dtype(dtype: Dtype | torch.dtype) -> torch.dtype:
 
 
 def _quant_settings(quant: QuantSettings | str | None) -> QuantSettings:
-    from .settings import QuantSettings
-
     if quant is None:
         return QuantSettings(load_in="none")
     if isinstance(quant, str):
@@ -224,7 +177,7 @@ def load_model(
         ModelLoadError: The model or tokenizer cannot be found or loaded.
         QuantizationUnavailable: `strict` and bitsandbytes cannot run the quantization here.
     """
-    import torch
+    # The auto classes load transformers' modeling code on first use (seconds): not on `import lora_nb`.
     from transformers import AutoModelForCausalLM
 
     settings = _quant_settings(quant)
@@ -261,7 +214,7 @@ def load_model(
     if load_in == "4bit":
         disable_cpu_weight_repacking(model)
     if load_in != "none" and prepare_for_training:
-        from peft import prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training  # peft is imported only where a model is wrapped
 
         model = prepare_model_for_kbit_training(
             model,
@@ -300,10 +253,13 @@ def load_tokenizer(name_or_path: str, padding_side: Literal["right", "left"] = "
         name_or_path: Hub ID or local folder (already resolved, or resolvable by `resolve_model`).
         padding_side: "right" for training, "left" for batched generation.
 
+    Returns:
+        The tokenizer.
+
     Raises:
         ModelLoadError: No tokenizer can be loaded, or it has neither a pad nor an EOS token.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # like AutoModelForCausalLM in load_model: loaded on first use
 
     source = resolve_model(name_or_path)
     try:
@@ -327,6 +283,9 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:
     On a CPU with AVX512-BF16, the first no-grad eval-mode forward of a `Linear4bit` repacks its
     weight in place for a faster inference kernel; the backward pass still reads it in the old
     layout, so LoRA gradients are silently wrong from then on (measured: up to 287% off).
+
+    Args:
+        model: A model, quantized or not (a model without 4-bit layers is left as it is).
 
     Returns:
         How many modules had the switch.
@@ -402,8 +361,6 @@ def describe_model(model: torch.nn.Module) -> ModelReport:
     Returns:
         A `ModelReport` (prints as a short aligned table).
     """
-    import torch.nn as nn
-
     layers: Counter[str] = Counter()
     for name, module in model.named_modules():
         if "lora_" in name:  # LoRA's A/B live in ModuleDicts named lora_A / lora_B

@@ -18,13 +18,24 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn as nn
+
+from .data import read_records
 from .errors import DataError, ModelLoadError, SettingsError
 
 _POSITION_NAMES = ("wpe", "position_embeddings", "embed_positions", "pos_emb")
 
 
 def model_name(model) -> str:
-    """How messages name a model: its folder or hub ID and its architecture."""
+    """How messages name a model: its folder or hub ID and its architecture.
+
+    Args:
+        model: A transformers model (or a peft model around one).
+
+    Returns:
+        E.g. `'HuggingFaceTB/SmolLM2-135M-Instruct' (llama)`.
+    """
     config = getattr(model, "config", None)
     where = str(getattr(config, "_name_or_path", "") or "this model")
     return f"{where!r} ({getattr(config, 'model_type', type(model).__name__)})"
@@ -36,11 +47,12 @@ def check_causal(model) -> None:
     Two forwards of 4-token inputs that differ only in the last token: in a causal LM the logits
     of the first three positions are the same for both (a random-init BERT moves them by 0.5%).
 
+    Args:
+        model: The model to train.
+
     Raises:
         ModelLoadError: earlier positions changed.
     """
-    import torch
-
     config = model.config
     vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 2) or 2
     ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % vocab
@@ -64,13 +76,14 @@ def check_causal(model) -> None:
 def position_limit(model) -> tuple[int, bool] | None:
     """The longest input the model takes, and whether exceeding it crashes.
 
+    Args:
+        model: A transformers model.
+
     Returns:
         `(limit, learned)`: `learned` is True for a table of learned position embeddings (an
         IndexError past its rows), False for a trained length from the config (rotary models run
         past it, with worse results). None when the model states no limit.
     """
-    import torch.nn as nn
-
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_NAMES:
             return module.num_embeddings - int(getattr(module, "offset", 0)), True  # OPT keeps 2 extra rows
@@ -145,11 +158,9 @@ def _where(source: Any, index: int | None) -> str:
     if index is None:
         return "an example"
     if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
-        from .data import _read_file
-
         path = Path(source).expanduser()
         try:
-            number = _read_file(path)[index][0]
+            number = read_records(path)[index][0]
         except (DataError, IndexError):
             return f"{path}, example {index + 1}"
         label = ":" if path.suffix.lower() in (".jsonl", ".csv") else ", record "

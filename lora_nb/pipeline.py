@@ -19,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .arguments import check_run_arguments
 from .demo import DEMO_MODEL_ID
+from .demo_task import demo_data_paths
+from .formats import load_settings
+from .loading import describe_model, load_model
+from .presets import get_preset
+from .run_folder import (ADAPTER_DIR, GENERATIONS_FILE, LOG_FILE, LOSS_PLOT_FILE, METRICS_FILE, SETTINGS_FILE, RunFolder,
+                         new_run_dir)
 
 DEFAULT_PRESET = "demo-cpu"
-LOSS_PLOT = "loss.png"
 
 
 @dataclass
@@ -58,8 +64,6 @@ def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, mo
         The checked `KitSettings`.
     """
     if config is not None:
-        from .formats import load_settings
-
         loaded = load_settings(Path(config))
         settings = loaded.settings
         if loaded.unknown_keys:
@@ -71,8 +75,6 @@ def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, mo
                 stacklevel=2,
             )
     else:
-        from .presets import get_preset
-
         settings = get_preset(preset)
     if model is not None:
         settings.model_name_or_path = model
@@ -89,6 +91,10 @@ def training_settings(root: str | Path = "runs", preset: str = DEFAULT_PRESET):
     """Settings for a notebook's training run: `<root>/configured.yaml` (saved by 02_configure_lora) when
     it exists, else the preset.
 
+    Args:
+        root: The notebooks' runs folder.
+        preset: The preset used when nothing was saved.
+
     Returns:
         `(settings, source)`: the checked `KitSettings` and a phrase saying where they came from.
     """
@@ -104,12 +110,17 @@ def ensure_run(root: str | Path = "runs", preset: str = DEFAULT_PRESET, log: Cal
     Lets the evaluation notebook run on its own: without a run from 03_train it trains the demo
     model on the demo data (the "demo-cpu" preset: 12 steps, about a minute on CPU).
 
+    Args:
+        root: The folder holding run folders.
+        preset: The preset to train with when there is no run.
+        log: Where progress lines go.
+
     Returns:
         The run folder.
     """
-    from .demo_task import demo_data_paths
-    from .loading import load_model
-    from .runs import latest_run, new_run_dir
+    # The stages import peft, datasets and matplotlib: only when a run starts, not for `configure`
+    # (notebooks 00 and 02 reach this module through workshop.py).
+    from .runs import latest_run
     from .train import train
 
     found = latest_run(root)
@@ -162,13 +173,9 @@ def run_pipeline(
     Returns:
         A `PipelineResult`.
     """
-    from .demo_task import demo_data_paths
-    from .evaluate import evaluate_run
-    from .loading import describe_model, load_model
+    from .evaluate import evaluate_run  # the stages: only when a run starts (see ensure_run)
     from .plots import plot_losses
-    from .train import RunFolder, check_resumable, is_main_process, train
-
-    from .arguments import check_run_arguments
+    from .train import check_resumable, is_main_process, train
 
     check_run_arguments(config=config, preset=preset, model=model, data=data, heldout=heldout, out=out,
                         max_new_tokens=max_new_tokens, limit=limit)  # before any long work
@@ -202,13 +209,13 @@ def run_pipeline(
     log(f"[4/4] evaluating : {heldout}" + (f" (first {limit})" if limit else ""))
     evaluation = evaluate_run(result.model, loaded.tokenizer, heldout, run_dir=out, limit=limit,
                               max_new_tokens=max_new_tokens, max_length=settings.train.max_seq_length)
-    plot_losses(out, title=f"Loss of {out.name}").savefig(out / LOSS_PLOT, dpi=100, bbox_inches="tight")
-    RunFolder(out).record_written(LOSS_PLOT)
+    plot_losses(out, title=f"Loss of {out.name}").savefig(out / LOSS_PLOT_FILE, dpi=100, bbox_inches="tight")
+    RunFolder(out).record_written(LOSS_PLOT_FILE)
     for row in evaluation.summary():
         log(f"      {row['metric']:<13} {row['before']:>10.4g} -> {row['after']:<10.4g}")
     seconds = time.perf_counter() - started
-    log(f"done in {seconds:.0f} s: {out}/ holds settings.yaml, log.jsonl, adapter/, metrics.json, "
-        f"generations.md, {LOSS_PLOT}")
+    log(f"done in {seconds:.0f} s: {out}/ holds {SETTINGS_FILE}, {LOG_FILE}, {ADAPTER_DIR}/, {METRICS_FILE}, "
+        f"{GENERATIONS_FILE}, {LOSS_PLOT_FILE}")
     return PipelineResult(out, evaluation.metrics, result, seconds)
 
 

@@ -13,7 +13,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import matplotlib.pyplot as plt
+from IPython import get_ipython
+from IPython.display import display
 from transformers import TrainerCallback
+
+from .errors import RunFolderError
+from .nf4 import BLOCK, nf4_levels, nf4_round_trip
+from .run_folder import LOG_FILE, TRAINER_STATE_FILE, RunFolder
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -22,8 +29,6 @@ Points = list[tuple[int, float]]
 
 
 def _new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1):
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
     plt.close(fig)  # returned to the caller, not left in pyplot's list (that would display it twice)
     return fig, list(axes[0])
@@ -82,8 +87,6 @@ def plot_nf4(weight: Any, name: str = "weight", block: int = 0) -> Figure:
         as lines; middle, the 64 weights of one block and what 4-bit storage gives back; right, the
         error of every weight of the matrix.
     """
-    from .nf4 import BLOCK, nf4_levels, nf4_round_trip
-
     rt = nf4_round_trip(weight)
     levels = nf4_levels().numpy()
     fig, (left, middle, right) = _new_figure(13.0, 3.6, ncols=3)
@@ -178,12 +181,19 @@ def loss_points(source: Any) -> tuple[Points, Points]:
 
 
 def lr_points(source: Any) -> Points:
-    """The `(step, learning_rate)` points of a run (same sources as `loss_points`)."""
+    """The `(step, learning_rate)` points of a run (same sources as `loss_points`).
+
+    Args:
+        source: A `TrainResult`, a `RunInfo`, a run folder, or log records.
+
+    Returns:
+        The points of the logged training steps (none for a `RunInfo` whose folder holds no log).
+    """
     if hasattr(source, "history"):  # a TrainResult
         source = source.history
     elif hasattr(source, "train_losses"):  # a RunInfo: its folder's log
         run_dir = Path(getattr(source, "run_dir", None) or "")
-        if not ((run_dir / "log.jsonl").exists() or (run_dir / "trainer_state.json").exists()):
+        if not ((run_dir / LOG_FILE).exists() or (run_dir / TRAINER_STATE_FILE).exists()):
             return []
         source = run_dir
     records = _history(source) if isinstance(source, (str, Path)) else list(source)
@@ -193,16 +203,11 @@ def lr_points(source: Any) -> Points:
 
 def _history(run_dir: str | Path) -> list[dict]:
     run_dir = Path(run_dir)
-    log = run_dir / "log.jsonl"
-    if log.exists():
-        from .train import RunFolder
-
+    if (run_dir / LOG_FILE).exists():
         return RunFolder(run_dir).read_log()  # one reader of log.jsonl: skips damaged and foreign lines
-    state = run_dir / "trainer_state.json"
+    state = run_dir / TRAINER_STATE_FILE
     if state.exists():
         return json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
-    from .errors import RunFolderError
-
     raise RunFolderError(
         f"{run_dir} holds neither log.jsonl nor trainer_state.json, so it has no losses to plot. "
         "Pass the folder a training run wrote (train(..., run_dir=...))."
@@ -292,10 +297,6 @@ def _default_label(source: Any, i: int) -> str:
 
 def _in_notebook() -> bool:
     """True inside a Jupyter kernel (where display handles can update a figure in place)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
 
@@ -345,7 +346,14 @@ class LiveLossPlot(TrainerCallback):
             self.redraw(max_steps=state.max_steps)
 
     def redraw(self, max_steps: int | None = None) -> Figure:
-        """Draw the current points (and update the notebook output when displaying)."""
+        """Draw the current points (and update the notebook output when displaying).
+
+        Args:
+            max_steps: The run's optimizer steps (the x-axis ends there), when known.
+
+        Returns:
+            The figure.
+        """
         if self.figure is None:
             self.figure, (self._ax, self._lr_ax) = _new_figure(11.0, 4.0, ncols=2)
         ax = self._ax
@@ -365,11 +373,6 @@ class LiveLossPlot(TrainerCallback):
         return self.figure
 
     def _show(self) -> None:
-        try:
-            from IPython.display import display
-        except ImportError:
-            self.display = False
-            return
         if self._handle is None:
             self._handle = display(self.figure, display_id=True)
         else:

@@ -1,6 +1,6 @@
 """Runs: read finished run folders back and compare them (final numbers, differing settings, curves).
 
-A run folder (see `train.py`) holds settings.yaml, run.json, log.jsonl, the adapter and, after
+A run folder (see `run_folder.py`) holds settings.yaml, run.json, log.jsonl, the adapter and, after
 evaluation, metrics.json. `compare_runs` puts several side by side: one row per run with its final
 losses, the task metric and the number of held-out examples it was measured on (`n`), plus only the
 settings that differ between the runs, since those explain the difference. When runs were evaluated
@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import RunFolderError
-from .evaluate import Table
-from .formats import flat_settings
+from .formats import flat_settings, load_settings
 from .plots import loss_points, plot_losses
+from .run_folder import ADAPTER_CONFIG_FILE, ADAPTER_DIR, METRICS_FILE, RUN_FILE, SETTINGS_FILE
+from .table import Table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -61,23 +62,27 @@ class RunInfo:
 def load_run(run_dir: str | Path) -> RunInfo:
     """Read a run folder.
 
+    Args:
+        run_dir: The run folder.
+
+    Returns:
+        A `RunInfo`; what the folder lacks (metrics before evaluation, a damaged settings file) is None.
+
     Raises:
         RunFolderError: The folder does not exist or holds neither run.json nor settings.yaml.
     """
     path = Path(run_dir).expanduser()
-    if not (path / "run.json").exists() and not (path / "settings.yaml").exists():
+    if not (path / RUN_FILE).exists() and not (path / SETTINGS_FILE).exists():
         raise RunFolderError(
             f"{path} is not a run folder: it holds neither run.json nor settings.yaml. Pass a folder that "
             "train(..., run_dir=...) or `python -m lora_nb run --out ...` wrote."
         )
-    run = _json(path / "run.json") or {}
-    metrics = _json(path / "metrics.json")
+    run = _json(path / RUN_FILE) or {}
+    metrics = _json(path / METRICS_FILE)
     settings = None
-    if (path / "settings.yaml").exists():
-        from .formats import load_settings
-
+    if (path / SETTINGS_FILE).exists():
         try:
-            settings = load_settings(path / "settings.yaml").settings
+            settings = load_settings(path / SETTINGS_FILE).settings
         except Exception:  # noqa: BLE001 - a damaged settings file should not hide the run's numbers
             settings = None
     try:
@@ -87,45 +92,39 @@ def load_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(path, settings, run, metrics, train, evals)
 
 
-def new_run_dir(root: str | Path = "runs", prefix: str = "run") -> Path:
-    """A fresh, not yet existing run folder name under `root`: `<prefix>-YYYYmmdd-HHMMSS` (made unique).
-
-    Each notebook run trains into a new folder, so re-running a notebook never clashes with a finished run.
-    """
-    import time
-
-    root = Path(root).expanduser()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, n = root / f"{prefix}-{stamp}", 1
-    while path.exists():
-        n += 1
-        path = root / f"{prefix}-{stamp}-{n}"
-    return path
-
-
 def find_runs(root: str | Path = "runs", finished_only: bool = True) -> list[Path]:
     """Run folders directly under `root`, oldest first (by run.json modification time).
 
     Args:
         root: The folder holding run folders.
         finished_only: Keep only runs whose run.json says "finished" and that hold an adapter.
+
+    Returns:
+        The run folders.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         return []
     found = []
-    for run_file in root.glob("*/run.json"):
+    for run_file in root.glob(f"*/{RUN_FILE}"):
         folder = run_file.parent
         if finished_only:
             status = (_json(run_file) or {}).get("status")
-            if status != "finished" or not (folder / "adapter" / "adapter_config.json").exists():
+            if status != "finished" or not (folder / ADAPTER_DIR / ADAPTER_CONFIG_FILE).exists():
                 continue
         found.append(folder)
-    return sorted(found, key=lambda p: (p / "run.json").stat().st_mtime)
+    return sorted(found, key=lambda p: (p / RUN_FILE).stat().st_mtime)
 
 
 def latest_run(root: str | Path = "runs") -> Path | None:
-    """The most recent finished run under `root`, or None."""
+    """The most recent finished run under `root`, or None.
+
+    Args:
+        root: The folder holding run folders.
+
+    Returns:
+        The folder (by run.json modification time), or None when no run there has finished.
+    """
     runs = find_runs(root)
     return runs[-1] if runs else None
 
@@ -169,7 +168,14 @@ def _short(value: Any) -> str:
 
 
 def heldout_note(sizes: dict[str, int | None]) -> str:
-    """A sentence when the runs' metrics were measured on different numbers of held-out examples, else ""."""
+    """A sentence when the runs' metrics were measured on different numbers of held-out examples, else "".
+
+    Args:
+        sizes: Each run's number of held-out examples (None when unknown).
+
+    Returns:
+        The note `compare_runs` shows above its table.
+    """
     known = {name: n for name, n in sizes.items() if n is not None}
     if len(set(known.values())) <= 1:
         return ""
@@ -224,6 +230,14 @@ def _heldout_size(metrics: dict[str, Any]) -> int | None:
 
 
 def plot_runs(run_dirs: Sequence[str | Path | RunInfo], title: str = "Loss of each run") -> Figure:
-    """The runs' training and held-out loss curves on one axes, one colour per run."""
+    """The runs' training and held-out loss curves on one axes, one colour per run.
+
+    Args:
+        run_dirs: Run folders (or `load_run` results).
+        title: The axes title.
+
+    Returns:
+        The figure.
+    """
     runs = [r if isinstance(r, RunInfo) else load_run(r) for r in run_dirs]
     return plot_losses({r.name: r for r in runs}, title=title)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import importlib.util
 import math
 import re
 import types
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from lora_nb.errors import SettingsError, quote
+from lora_nb.probes import bf16_supported, cuda_available, has_package
 
 if typing.TYPE_CHECKING:
     import peft
@@ -234,30 +234,6 @@ def _hint(spec: FieldSpec) -> str:
 
 def _field_problems(obj: Any, prefix: str = "") -> list[str]:
     return [p for s in field_specs(obj) for p in value_problems(type(obj), s.name, getattr(obj, s.name), prefix + s.name)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Environment probes (module functions so that tests can replace them)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA GPU."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def bf16_supported() -> bool:
-    """True when a CUDA GPU that computes in bfloat16 is present."""
-    import torch
-
-    return cuda_available() and torch.cuda.is_bf16_supported()
-
-
-def has_package(name: str) -> bool:
-    """True when ``name`` can be imported (without importing it)."""
-    return importlib.util.find_spec(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -757,7 +733,8 @@ class TrainSettings:
             tips.append(f"warmup_ratio {self.warmup_ratio:g} spends a large share of the run warming up")
         return tips + self.ignored()
 
-    def to_training_args(self, output_dir: str, **overrides: Any) -> transformers.TrainingArguments:
+    def to_training_args(self, output_dir: str, with_eval: bool = True,
+                         **overrides: Any) -> transformers.TrainingArguments:
         """Builds the ``transformers.TrainingArguments``.
 
         CPU-only machines get ``use_cpu=True``; precision 'auto' becomes bf16 on a CUDA GPU that
@@ -767,6 +744,7 @@ class TrainSettings:
 
         Args:
             output_dir: Folder for checkpoints.
+            with_eval: Whether the run has held-out data (without it nothing is evaluated).
             **overrides: TrainingArguments keywords that replace the derived ones.
 
         Returns:
@@ -792,7 +770,7 @@ class TrainSettings:
             "remove_unused_columns": False, "report_to": "none",
             "train_sampling_strategy": "group_by_length" if self.group_by_length else "random",
             "save_strategy": "no" if self.save_steps is None else "steps",
-            "eval_strategy": "no" if self.eval_steps is None else "steps",
+            "eval_strategy": "no" if self.eval_steps is None or not with_eval else "steps",
             "save_total_limit": self.save_total_limit,
         }
         if self.save_steps is not None:
@@ -933,9 +911,10 @@ class KitSettings:
         """Same as :meth:`QuantSettings.to_bnb` for the ``quant`` section."""
         return self.quant.to_bnb()
 
-    def to_training_args(self, output_dir: str, **overrides: Any) -> transformers.TrainingArguments:
+    def to_training_args(self, output_dir: str, with_eval: bool = True,
+                         **overrides: Any) -> transformers.TrainingArguments:
         """Same as :meth:`TrainSettings.to_training_args` for the ``train`` section."""
-        return self.train.to_training_args(output_dir, **overrides)
+        return self.train.to_training_args(output_dir, with_eval, **overrides)
 
     def _cross_problems(self) -> list[str]:
         if self.lora.init_lora_weights == "loftq" and self.quant.load_in != "none":

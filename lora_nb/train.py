@@ -1,21 +1,8 @@
 """Training: wrap the model with a LoRA adapter and train it with transformers' `Trainer`.
 
-A run lives in one folder, so that each later notebook (evaluate, merge, export) finds what it
-needs there and a run can be continued after a restart:
-
-    run_dir/
-      settings.yaml      every setting of the run (the KitSettings)
-      run.json           which base model it trains, status (running / finished / interrupted)
-      log.jsonl          one line per logged step: training loss, learning rate, eval loss
-      checkpoint-N/      resumable checkpoints: adapter, optimizer, scheduler, RNG, trainer state
-      trainer_state.json the Trainer's final state (log history included)
-      adapter/           the trained adapter (`PeftModel.from_pretrained(base, run_dir / "adapter")`)
-      initial_adapter/   only for inits that rewrite the base weights (PiSSA, OLoRA...): the adapter
-                         as made, which converts the trained one back to a plain LoRA (adapters.py)
-      .lora-nb.lock      while a run uses the folder: a second run into it is refused
-
-run.json also records which files the kit wrote (`written`): a new run never starts where files of
-these names exist without that record, so nothing the user put there is overwritten.
+A run lives in one folder (its layout: `run_folder.py`), so that each later notebook (evaluate,
+merge, export) finds what it needs there and a run can be continued after a restart. A new run
+never starts where files of the run's names exist that the kit did not write.
 
 The loop itself is `Trainer`'s; this module sets it up (seed, adapter, data, collator), keeps the
 run folder consistent, and turns Ctrl+C / the notebook's stop button into a saved checkpoint.
@@ -26,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import time
@@ -34,25 +20,25 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .adapters import (INITIAL_ADAPTER_DIR, base_model, check_init_supported, has_adapter, load_converted,
-                       restore_base_weights, save_initial_adapter)
-from .errors import RunFolderError, SettingsError
-from .files import cannot_write as _cannot_write
-from .files import damaged_weights
-from .model_checks import check_causal, check_positions, model_name, template_refusal
-from .files import write_folder_atomic, write_text_atomic
+import datasets
+import torch.distributed as dist
+import transformers
+from jinja2 import TemplateError
+from peft import get_peft_model
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-SETTINGS_FILE = "settings.yaml"
-RUN_FILE = "run.json"
-LOG_FILE = "log.jsonl"
-ADAPTER_DIR = "adapter"
-CHECKPOINT_PREFIX = "checkpoint-"
-LOCK_FILE = ".lora-nb.lock"
-# Every name a run of the kit writes into its folder (train, the pipeline, the evaluation): a new
-# run never starts in a folder where one of them exists without the kit's own record (run.json).
-RUN_FILES = (SETTINGS_FILE, RUN_FILE, LOG_FILE, ADAPTER_DIR, INITIAL_ADAPTER_DIR, "trainer_state.json",
-             "metrics.json", "generations.md", "loss.png")
-_FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+from .adapters import (base_model, check_init_supported, has_adapter, load_converted, restore_base_weights,
+                       save_adapter, save_initial_adapter)
+from .batching import KitTrainer, packed_attention, plan_batches
+from .data import load_examples, tokenize_examples
+from .errors import RunFolderError, SettingsError
+from .files import write_text_atomic
+from .loading import disable_cpu_weight_repacking
+from .model_checks import check_causal, check_positions, model_name, template_refusal
+from .run_folder import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE, CHECKPOINT_PREFIX,
+                         FINGERPRINT_KEYS, INITIAL_ADAPTER_DIR, LOG_FILE, RUN_FILE, SETTINGS_FILE,
+                         TRAINER_STATE_FILE, RunFolder, model_fingerprint, same_model, settings_yaml)
+
 # Adapter fields that decide the shape of its tensors: a checkpoint with other values cannot be resumed.
 _SHAPE_KEYS = ("r", "use_dora", "bias", "layers_to_transform")
 
@@ -91,273 +77,9 @@ class TrainResult:
         return self.train_losses[-1][1] if self.train_losses else None
 
 
-# ------------------------------------------------------------------------------------ run folder
-class RunFolder:
-    """The files of one training run (see the module docstring for the layout)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-
-    settings_file = property(lambda self: self.path / SETTINGS_FILE)
-    run_file = property(lambda self: self.path / RUN_FILE)
-    log_file = property(lambda self: self.path / LOG_FILE)
-    adapter_dir = property(lambda self: self.path / ADAPTER_DIR)
-
-    def checkpoints(self) -> list[Path]:
-        """Checkpoint folders, oldest (lowest step) first."""
-        if not self.path.is_dir():
-            return []
-        found = [p for p in self.path.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-    def last_checkpoint(self) -> Path | None:
-        """The newest checkpoint folder, or None."""
-        found = self.checkpoints()
-        return found[-1] if found else None
-
-    def has_run(self) -> bool:
-        """Whether the folder already holds (part of) a training run."""
-        return self.run_file.exists() or bool(self.checkpoints()) or self.adapter_dir.exists()
-
-    def read_run(self) -> dict:
-        """The contents of run.json.
-
-        Raises:
-            RunFolderError: it is missing or not valid JSON.
-        """
-        try:
-            data = json.loads(self.run_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RunFolderError(
-                f"{self.path} holds no {RUN_FILE}, so it is not a run folder of this kit (or it is damaged). "
-                "Check the path, or start a new run with resume=False in an empty folder."
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RunFolderError(f"{self.run_file} is corrupt ({err}); start a new run in another folder.") from None
-        if not isinstance(data, dict):
-            raise RunFolderError(
-                f"{self.run_file} is corrupt: it holds a JSON {type(data).__name__}, where the kit writes an object "
-                "({\"status\": ..., \"model\": ...}). Start a new run in another folder."
-            )
-        return data
-
-    def write_run(self, **fields: Any) -> None:
-        """Update run.json with `fields` (atomically)."""
-        data = self.read_run() if self.run_file.exists() else {}
-        data.update(fields)
-        write_text_atomic(self.run_file, json.dumps(data, indent=2, default=str) + "\n")
-
-    def read_log(self) -> list[dict]:
-        """The records of log.jsonl.
-
-        A damaged last line (a crash while writing) is skipped in silence; any other line that is
-        not a JSON object with an integer `step` is skipped with a warning naming the file and line.
-        """
-        if not self.log_file.exists():
-            return []
-        lines = self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-        records, bad = [], []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    bad.append(number)
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
-                records.append(record)
-            else:
-                bad.append(number)
-        if bad:
-            warnings.warn(
-                f"{self.log_file}: line(s) {bad[:5]} are not log records of the kit (a JSON object with an integer "
-                "'step'); they were skipped. The file was edited by hand or damaged: the other lines are used.",
-                stacklevel=2,
-            )
-        return records
-
-    def written(self) -> set[str]:
-        """Names of the files the kit wrote here, as the folder's run.json records them."""
-        if not self.run_file.exists():
-            return set()
-        data = self.read_run()
-        return set(data.get("written") or RUN_FILES)  # run folders of earlier kit versions: the kit's names
-
-    def record_written(self, *names: str) -> None:
-        """Add `names` to the run.json record of files the kit wrote."""
-        self.write_run(written=sorted(self.written() | set(names)))
-
-    def foreign_files(self) -> list[str]:
-        """Files with the names a run writes that the kit did not write here (the user's own)."""
-        if not self.path.is_dir():
-            return []
-        ours = self.written()
-        present = [p.name for p in self.path.iterdir() if p.name in RUN_FILES or p.name.startswith(CHECKPOINT_PREFIX)]
-        # Checkpoints are the kit's when its run.json is there (Trainer names them by step).
-        return sorted(n for n in present
-                      if n not in ours and not (n.startswith(CHECKPOINT_PREFIX) and self.run_file.exists()))
-
-    def lock(self) -> "_RunLock":
-        """Hold the folder for one run (a context manager); a second run into it gets a `RunFolderError`."""
-        return _RunLock(self)
-
-    def checkpoint_problem(self, checkpoint: Path) -> str | None:
-        """What makes a checkpoint unusable for resuming (a phrase), or None when it is whole."""
-        state_file = checkpoint / "trainer_state.json"
-        try:
-            int(json.loads(state_file.read_text(encoding="utf-8"))["global_step"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            return f"{state_file.name} is missing or unreadable ({err})"
-        if not any((checkpoint / f).exists() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-            return "it holds no adapter weights (adapter_model.safetensors)"
-        for file in sorted(checkpoint.iterdir()):
-            problem = damaged_weights(file)
-            if problem:
-                return f"{file.name} {problem}"
-        return None
-
-    def checkpoint_error(self, checkpoint: Path, problem: str) -> RunFolderError:
-        """The kit's error for an unusable checkpoint."""
-        return RunFolderError(
-            f"Checkpoint {checkpoint} is corrupt: {problem}. Delete that folder to resume from the one before, "
-            "or start a new run."
-        )
-
-    def check_checkpoint(self, checkpoint: Path) -> int:
-        """The step of a checkpoint, after checking that it holds what resuming needs, whole.
-
-        Raises:
-            RunFolderError: the trainer state or the adapter weights are missing or unreadable, or a
-                weight, optimizer or RNG file is cut short.
-        """
-        problem = self.checkpoint_problem(checkpoint)
-        if problem is not None:
-            raise self.checkpoint_error(checkpoint, problem)
-        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
-
-
-class _RunLock:
-    """An exclusive `flock` on the run folder's lock file for as long as a run uses the folder.
-
-    The operating system drops the lock when the process ends, however it ends, so a killed run
-    never leaves the folder locked.
-    """
-
-    def __init__(self, folder: RunFolder):
-        self.folder = folder
-        self.file = folder.path / LOCK_FILE
-        self.handle = None
-
-    def __enter__(self) -> "_RunLock":
-        try:
-            self.folder.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self.file, "a+", encoding="utf-8")
-        except OSError as err:
-            raise _cannot_write(self.folder.path, err) from err
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise RunFolderError(
-                f"{self.folder.path} is in use by another training run ({holder}). Two runs in one folder would mix "
-                "their logs and checkpoints: wait until that run ends, or choose another run_dir / --out."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.unlink(missing_ok=True)
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
-
-def save_adapter(model, target: Path, convert_from: Path | None = None) -> Path:
-    """Save the adapter to `target` atomically: written next to it, then swapped in.
-
-    Args:
-        model: A `PeftModel`.
-        target: The adapter folder (replaced when it exists).
-        convert_from: The initial adapter of an init that rewrote the base weights (PiSSA,
-            OLoRA...): the adapter is saved converted to a plain LoRA of the original base model
-            (peft's `path_initial_model_for_weight_conversion`).
-
-    Raises:
-        RunFolderError: the adapter cannot be written (disk full, read-only folder); an adapter
-            already in `target` is left as it was and no staging folder stays behind.
-    """
-    def write(staging: Path) -> None:
-        if convert_from is None:
-            model.save_pretrained(staging)
-        else:
-            model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(convert_from))
-
-    return write_folder_atomic(target, write)
-
-
-def settings_yaml(settings) -> str:
-    """The settings as YAML (the kit's commented format when `lora_nb.formats` provides it)."""
-    try:
-        from . import formats  # type: ignore[attr-defined]
-
-        return formats.dump_settings(settings)
-    except (ImportError, AttributeError):
-        import yaml
-
-        return yaml.safe_dump(settings.to_dict(), sort_keys=False)
-
-
-def model_fingerprint(model) -> dict[str, Any]:
-    """Name, shape and a digest of the weights of the base model, to recognise a run folder of another model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    found = {"name_or_path": str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", ""))}
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    found.update({k: getattr(text, k, None) for k in _FINGERPRINT_KEYS})
-    found["weights"] = weights_digest(base)
-    return found
-
-
-def weights_digest(model) -> str:
-    """A cheap digest of the model's weights: 4,096 evenly spaced values of its token embeddings.
-
-    Embeddings are never quantized and do not train with LoRA, so the digest is the same for a model
-    loaded in 4-bit, 8-bit or full precision; values are rounded to bfloat16 so that loading in
-    float32 or bfloat16 gives the same digest too. Another checkpoint of the same architecture
-    (a fine-tune, another size of the family) differs.
-    """
-    import hashlib
-
-    import torch
-
-    weight = model.get_input_embeddings().weight.detach().reshape(-1)
-    count = min(4096, weight.numel())  # integer spacing: float32 positions go wrong past 2**24 values
-    picks = (torch.arange(count, dtype=torch.int64) * (weight.numel() - 1) // max(count - 1, 1)).to(weight.device)
-    values = weight[picks].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
-    return hashlib.sha256(values).hexdigest()[:16]
-
-
-def _same_model(saved: dict, current: dict) -> bool:
-    if any(saved.get(k) != current.get(k) for k in _FINGERPRINT_KEYS):
-        return False
-    if saved.get("weights") and current.get("weights"):
-        return saved["weights"] == current["weights"]  # the weights decide, whatever the folder is called
-    # A hub ID and its local copy ("org/SmolLM2-135M-Instruct", "~/.cache/.../SmolLM2-135M-Instruct")
-    # are the same model: compare the last path component.
-    a, b = saved.get("name_or_path") or "", current.get("name_or_path") or ""
-    return a == b or Path(a.rstrip("/")).name == Path(b.rstrip("/")).name
-
-
 # ------------------------------------------------------------------------------------ processes
 def is_main_process() -> bool:
     """Whether this process writes files: always when alone, rank 0 of `accelerate launch` / torchrun."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
@@ -367,17 +89,13 @@ def _sync_processes(args) -> bool:
     """Wait until every process has checked the run folder (so none sees rank 0's first writes as an old
     run); returns `is_main_process()`. `args.world_size` starts the process group under a launcher."""
     if args.world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
     return is_main_process()
 
 
 # ------------------------------------------------------------------------------------ callbacks
 def _log_callback(folder: RunFolder):
-    from transformers import TrainerCallback
-
-    class LogFileCallback(TrainerCallback):
+    class LogFileCallback(transformers.TrainerCallback):
         """Append every logged record to log.jsonl, one complete line per write."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -395,8 +113,6 @@ def _readable_progress(trainer) -> None:
     transformers 5's console callbacks print `{'loss': '6.295', 'learning_rate': '0.0002'}`: numbers
     turned into strings. The notebook's progress table is left as it is.
     """
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     class ReadableProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None:
@@ -466,11 +182,6 @@ def train(
         DataError: the data cannot be read or tokenized (a chat template refusing an example
             included: the file and line are named).
     """
-    import torch
-    import transformers
-    from .batching import KitTrainer, packed_attention, plan_batches
-    from .loading import disable_cpu_weight_repacking
-
     folder = RunFolder(run_dir)
     settings.check(check_environment=False)  # every section, before any data or model work
     model = _base_for_run(model)
@@ -493,13 +204,10 @@ def train(
     plan = plan_batches(peft_model, t.padding_free)  # probes the model once; a path it fails falls back, with a warning
     if plan.padding_free:
         overrides["train_sampling_strategy"] = "random"  # packed rows hold no padding for length grouping to save
-    if eval_set is None:
-        overrides["eval_strategy"] = "no"
-    if not torch.cuda.is_available():
-        overrides["use_cpu"] = True
     # Under DDP: every adapter weight takes part in each forward, so DDP need not search for unused ones.
     overrides["ddp_find_unused_parameters"] = False
-    args = settings.to_training_args(str(folder.path), **overrides)
+    # use_cpu and the eval strategy are the settings' to decide (with or without held-out data).
+    args = settings.to_training_args(str(folder.path), with_eval=eval_set is not None, **overrides)
 
     main = _sync_processes(args)  # every process has checked the folder; under `accelerate launch` rank 0 alone writes it
     with folder.lock() if main else contextlib.nullcontext():
@@ -538,7 +246,7 @@ def train(
         adapter_dir = None
         if main and trainer.state.global_step > 0:
             adapter_dir = save_adapter(peft_model, folder.adapter_dir, convert_from=initial)
-            write_text_atomic(folder.path / "trainer_state.json",
+            write_text_atomic(folder.path / TRAINER_STATE_FILE,
                               json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True, default=str) + "\n")
         if initial is not None:
             # The live adapter is still B A on the residual: swap in the converted one on the restored base.
@@ -547,7 +255,7 @@ def train(
         status = "interrupted" if interrupted else ("stopped" if step < max_steps else "finished")  # stopped: by a callback
         if main:
             folder.write_run(status=status, global_step=step, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-            folder.record_written(ADAPTER_DIR, "trainer_state.json")
+            folder.record_written(ADAPTER_DIR, TRAINER_STATE_FILE)
     history = list(trainer.state.log_history)
     return TrainResult(
         run_dir=folder.path,
@@ -577,7 +285,7 @@ def _base_for_run(model):
         "The model passed to train() already carried a LoRA adapter (an earlier train() on the same model, or a "
         "loaded adapter); it was taken off, and this run trains a new adapter from the settings on the base model. "
         "To continue an earlier run instead, pass its run_dir with resume=True. An earlier TrainResult.model shares "
-        "these weights: to use an earlier run later, load it with evaluate.load_adapter(base, run_dir).",
+        "these weights: to use an earlier run later, load it with adapters.load_adapter(base, run_dir).",
         UserWarning,
         stacklevel=3,
     )
@@ -591,8 +299,6 @@ def _with_adapter(model, settings):
         SettingsError: the settings do not fit the model (checked by the kit first, then peft's own
             refusal in the kit's words); the model is left without any adapter layer.
     """
-    from peft import get_peft_model
-
     # Check the names and layer indices against the model first: peft adapts a partly misspelled
     # target list silently, and answers names that match nothing with its own error type.
     settings.lora.check(model)
@@ -641,7 +347,7 @@ def _start_run(folder: RunFolder, settings, peft_model, checkpoint: Path | None)
     _trim_log(folder, folder.check_checkpoint(checkpoint))
     folder.write_run(status="running", resumed_from=checkpoint.name)
     initial = folder.path / INITIAL_ADAPTER_DIR
-    return initial if (initial / "adapter_model.safetensors").exists() else save_initial_adapter(peft_model, folder.path)
+    return initial if (initial / ADAPTER_WEIGHTS_FILE).exists() else save_initial_adapter(peft_model, folder.path)
 
 
 def _write_failed(folder: RunFolder, err: OSError) -> RunFolderError:
@@ -666,11 +372,6 @@ def _write_failed(folder: RunFolder, err: OSError) -> RunFolderError:
 
 
 def _tokenized(data, tokenizer, max_length: int, train_on_responses_only: bool):
-    import datasets
-    from jinja2 import TemplateError
-
-    from .data import load_examples, tokenize_examples
-
     if isinstance(data, datasets.Dataset) and "input_ids" in data.column_names:
         return data
     examples = load_examples(data)
@@ -711,6 +412,10 @@ def check_resumable(run_dir: str | Path, settings) -> None:
     so a wrong model or a changed `lora.r` is said at once instead of after loading. `train` checks
     the model's weights too, once it has the model.
 
+    Args:
+        run_dir: The run folder to continue.
+        settings: The `KitSettings` the continued run would use.
+
     Raises:
         RunFolderError: the folder holds no run, a run of another model, or checkpoints of another
             adapter shape.
@@ -733,7 +438,7 @@ def check_resumable(run_dir: str | Path, settings) -> None:
 def _check_adapter_shape(checkpoint: Path, wanted: dict) -> None:
     """Refuse a checkpoint whose adapter has another shape than the settings make (r, targets, DoRA...)."""
     try:
-        saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+        saved = json.loads((checkpoint / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # no readable config: check_checkpoint names what is wrong with the checkpoint
     if not isinstance(saved, dict):
@@ -760,8 +465,8 @@ def _checkpoint_to_resume(folder: RunFolder, model, adapter: dict) -> Path:
         raise RunFolderError(f"Cannot resume: {folder.path} does not exist. Start the run with resume=False.")
     saved = folder.read_run().get("model") or {}
     current = model_fingerprint(model)
-    if not _same_model(saved, current):
-        other_weights = all(saved.get(k) == current.get(k) for k in _FINGERPRINT_KEYS)
+    if not same_model(saved, current):
+        other_weights = all(saved.get(k) == current.get(k) for k in FINGERPRINT_KEYS)
         raise RunFolderError(
             f"Cannot resume: {folder.path} is a run of another model ({saved.get('name_or_path')!r}, "
             f"{saved.get('model_type')}, hidden size {saved.get('hidden_size')}), not of "

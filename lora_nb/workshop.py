@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .pipeline import DEFAULT_PRESET, configure
+from .run_folder import RUN_FILE
 from .settings import ALL_LINEAR, KitSettings
 
 CONFIGURED = "configured.yaml"  # what the configurator's Save button writes in the run folder
@@ -103,7 +104,7 @@ def reset_workshop(root: str | Path = "runs", keep_runs: bool = False) -> list[P
             (root / name).unlink()
             removed.append(root / name)
     if not keep_runs and root.is_dir():
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "run.json").exists()):
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / RUN_FILE).exists()):
             shutil.rmtree(folder)
             removed.append(folder)
     return removed

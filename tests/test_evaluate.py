@@ -11,9 +11,9 @@ import torch
 from lora_nb.data import load_examples, tokenize_examples
 from lora_nb.demo_task import demo_data_paths
 from lora_nb.errors import RunFolderError
+from lora_nb.adapters import load_adapter, merge_adapter, save_adapter
 from lora_nb.evaluate import (
-    Table, compare_generations, evaluate_run, generate, heldout_loss, load_adapter, max_logit_difference, merge_adapter,
-    prompts_and_references, save_adapter,
+    Table, compare_generations, evaluate_run, generate, heldout_loss, max_logit_difference, prompts_and_references,
 )
 from lora_nb.loading import load_model
 

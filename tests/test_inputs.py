@@ -48,6 +48,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise LongWorkStarted("load_model was reached")
     monkeypatch.setattr(lora_nb.loading, "load_model", refuse)
+    monkeypatch.setattr(lora_nb.pipeline, "load_model", refuse)  # the pipeline's own name for it
 
 
 @pytest.fixture(scope="module")

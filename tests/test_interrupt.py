@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_nb.train import RunFolder, train
+from lora_nb.run_folder import RunFolder
+from lora_nb.train import train
 from tests.interrupt_worker import interrupt_data, interrupt_settings, marker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -102,7 +102,7 @@ def test_live_plot_updates_one_display_handle(monkeypatch):
         shown.append(("display", fig))
         return Handle()
 
-    monkeypatch.setattr("IPython.display.display", fake_display)
+    monkeypatch.setattr("lora_nb.plots.display", fake_display)  # plots imports it at module level
     plot = LiveLossPlot(display=True)
     state = types.SimpleNamespace(log_history=[{"step": 1, "loss": 2.0}], max_steps=3, global_step=2)
     plot.on_train_begin(None, state, None)  # a resumed run starts from its history

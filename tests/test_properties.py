@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 import datasets  # noqa: F401 - imported once here, so the 10 s limit measures the kit, not first imports
 import lora_nb.evaluate  # noqa: F401
 import lora_nb.loading
+import lora_nb.pipeline
 import lora_nb.plots  # noqa: F401
 import lora_nb.train  # noqa: F401
 from lora_nb.__main__ import main
@@ -157,6 +158,7 @@ def workdir(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise LongWorkStarted
     monkeypatch.setattr(lora_nb.loading, "load_model", refuse)
+    monkeypatch.setattr(lora_nb.pipeline, "load_model", refuse)  # the pipeline's own name for it
     return tmp_path
 
 

@@ -22,14 +22,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from lora_nb import files, formats
 from lora_nb.__main__ import main
+from lora_nb.adapters import save_adapter
 from lora_nb.data import load_examples
 from lora_nb.demo_task import demo_data_paths
 from lora_nb.errors import ConfigFileError, DataError, RunFolderError, SettingsError
+from lora_nb.files import write_text_atomic
 from lora_nb.formats import load_settings, save_settings
 from lora_nb.pipeline import configure
+from lora_nb.run_folder import RunFolder
 from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
-from lora_nb.files import write_text_atomic
-from lora_nb.train import RunFolder, _with_adapter, save_adapter, train
+from lora_nb.train import _with_adapter, train
 from tests.test_train import StopAfter
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # "No space left on device"
@@ -334,7 +336,8 @@ class LogitsAtEnd(TrainerCallback):
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_weight_rewriting_init_keeps_the_base_and_saves_a_plain_lora(init, tiny_model_dir, tokenizer, examples, tmp_path):
-    from lora_nb.evaluate import heldout_loss, load_adapter, merge_adapter
+    from lora_nb.adapters import load_adapter, merge_adapter
+    from lora_nb.evaluate import heldout_loss
 
     settings = small_settings(tiny_model_dir, lora=LoraSettings(r=4, lora_alpha=8, init_lora_weights=init))
     ids = torch.tensor([[5, 17, 33, 60, 2, 9]])
@@ -424,7 +427,7 @@ def test_a_run_folder_locked_by_another_process_and_released_when_it_dies(tiny_m
 
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lora_nb.train import RunFolder\n"
+        [sys.executable, "-c", "import sys, time\nfrom lora_nb.run_folder import RunFolder\n"
          f"with RunFolder({str(run)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
@@ -460,7 +463,7 @@ def test_weight_rewriting_init_refused_on_a_quantized_base_or_with_dora(tiny_mod
 
 
 def test_merge_never_writes_over_the_base_model_or_foreign_files(checkpointed_original, tiny_model_dir, tmp_path):
-    from lora_nb.evaluate import merge_adapter
+    from lora_nb.adapters import merge_adapter
 
     _, run = checkpointed_original
     before = _files(Path(tiny_model_dir))
@@ -506,7 +509,7 @@ def test_resume_refuses_other_weights_and_another_adapter_shape(checkpointed_run
 
 def test_weights_digest_is_the_same_in_every_precision_and_spans_big_tables(tiny_model_dir):
     from lora_nb.loading import load_model
-    from lora_nb.train import weights_digest
+    from lora_nb.run_folder import weights_digest
 
     digest = weights_digest(fresh_model(tiny_model_dir))
     assert weights_digest(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)) == digest
@@ -561,7 +564,7 @@ def test_run_and_log_files_of_the_wrong_json_type(checkpointed_run, tiny_model_d
 
 def test_files_cut_short_are_named_or_skipped(checkpointed_run, tiny_model_dir, tokenizer, examples, tmp_path):
     from lora_nb.errors import ModelLoadError
-    from lora_nb.evaluate import load_adapter
+    from lora_nb.adapters import load_adapter
     from lora_nb.loading import load_model
 
     settings, run = checkpointed_run
@@ -585,7 +588,7 @@ def test_an_adapter_on_another_architecture(checkpointed_original, tokenizer):
     from transformers import GPT2Config
 
     from lora_nb.errors import ModelLoadError
-    from lora_nb.evaluate import load_adapter
+    from lora_nb.adapters import load_adapter
 
     _, run = checkpointed_original
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4))

@@ -56,7 +56,8 @@ def test_load_run_of_a_plain_folder_says_what_is_missing(tmp_path):
 
 
 def test_find_and_latest_run_keep_finished_runs_with_adapters(tmp_path):
-    from lora_nb.runs import find_runs, latest_run, new_run_dir
+    from lora_nb.run_folder import new_run_dir
+    from lora_nb.runs import find_runs, latest_run
 
     assert latest_run(tmp_path) is None
     done = _fake_run(tmp_path / "done", 8, [1.0], 0.5)

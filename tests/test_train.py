@@ -14,8 +14,9 @@ from lora_nb.data import load_examples, tokenize_examples
 from lora_nb.demo_task import demo_data_paths
 from lora_nb.errors import RunFolderError
 from lora_nb.evaluate import heldout_loss
+from lora_nb.run_folder import RunFolder
 from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
-from lora_nb.train import RunFolder, TrainResult, _with_adapter, train
+from lora_nb.train import TrainResult, _with_adapter, train
 
 
 def tiny_settings(model_dir: str, **train_kwargs) -> KitSettings:
