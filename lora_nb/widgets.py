@@ -30,33 +30,30 @@ import copy
 import html
 import math
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ipywidgets as W
+import matplotlib.figure
+import matplotlib.pyplot as plt
+import peft
+import torch.nn
 import traitlets
 import yaml
 
-from lora_nb.errors import ConfigFileError, LoraNbError, SettingsError, quote
-from lora_nb.settings import ALL_LINEAR, SECTIONS, FieldSpec, KitSettings, LoraSettings, field_specs
-
-if TYPE_CHECKING:
-    import matplotlib.figure
-    import peft
-    import torch.nn
-
-    from lora_nb.targets import Targets
+from . import formats
+from .errors import ConfigFileError, LoraNbError, SettingsError, quote
+from .estimate import count_trainable, estimate_for_lengths
+from .files import write_text_atomic
+from .fit import GPUS, plan_fit
+from .presets import PRESETS, get_preset
+from .settings import ALL_LINEAR, SECTIONS, FieldSpec, KitSettings, LoraSettings, field_specs
+from .targets import Targets, find_targets
 
 SLIDER_SPAN = 4096  # int ranges up to this wide become sliders; wider ones (seeds, sequence lengths) text boxes
 LOG_DECADES = 3  # positive float ranges spanning this many powers of ten or more get a log-scale slider
 POW2_RATIO = 1000  # int ranges from >= 1 whose max/min reaches this get a powers-of-two slider (r, alpha, batch)
-EXPORT_FORMS = ("kit", "axolotl", "lora", "peft", "python")
-EXPORT_FILES = {  # default file names in the run folder, one per export form
-    "kit": "configured.yaml", "axolotl": "configured-axolotl.yaml", "lora": "configured-lora.yaml",
-    "peft": "adapter_config.json", "python": "configured_lora.py",
-}
-EXPORT_TITLES = {"kit": "kit YAML", "axolotl": "axolotl YAML", "lora": "lora: YAML", "peft": "peft JSON",
-                 "python": "Python"}
 TAB_TITLES = ("LoRA", "Targets", "Quantization", "Training", "Export")
 _NO_PRESET = "(choose a preset)"
 _WIDE = W.Layout(width="500px")
@@ -293,10 +290,6 @@ class LoraConfigurator:
         Raises:
             SettingsError: When the settings are invalid, or no model is known.
         """
-        import warnings
-
-        import peft
-
         model = model if model is not None else self.model
         if model is None:
             raise SettingsError("apply() needs a model: pass one, or give the configurator one")
@@ -308,33 +301,27 @@ class LoraConfigurator:
 
     def apply_preset(self, name: str) -> None:
         """Shows the preset ``name`` (from :mod:`lora_nb.presets`); the model name is kept."""
-        preset = _preset_settings(name)
+        preset = get_preset(name)
         preset.model_name_or_path = self._draft.model_name_or_path
         self.set_settings(preset)
-        from lora_nb.presets import PRESETS
-
         self.message = f"preset {html.escape(name)} applied: {html.escape(PRESETS[name].description)}"
         self._show_message()
 
     def export_text(self, form: str) -> str:
-        """The current settings as text: ``kit``, ``axolotl``, ``lora`` (YAML), ``peft`` (JSON) or ``python``.
+        """The current settings as text in one of :data:`lora_nb.formats.FORMATS` (``kit``, ``axolotl``,
+        ``lora``, ``peft``, ``python`` ...).
 
         Raises:
             SettingsError: When the settings are invalid or the form is unknown.
         """
-        from lora_nb import formats
-
         _check_form(form)
-        settings = self.settings
-        if form == "python":
-            return formats.to_python(settings, self.model)
-        return formats.dump_settings(settings, form)
+        return formats.dump_settings(self.settings, form, self.model)
 
     def save(self, form: str = "kit", path: str | Path | None = None) -> Path:
         """Saves the current settings in one form.
 
         Args:
-            form: One of :data:`EXPORT_FORMS`.
+            form: A name in :data:`lora_nb.formats.FORMATS`.
             path: Destination; default the run folder's file for that form (``runs/configured.yaml`` ...).
 
         Returns:
@@ -344,18 +331,13 @@ class LoraConfigurator:
             SettingsError: When the settings are invalid.
             ConfigFileError: When the file cannot be written.
         """
-        from lora_nb import formats
-        from lora_nb.files import write_text_atomic
-
         _check_form(form)
+        entry = formats.FORMATS[form]
         if path is not None and not str(path).strip():
-            raise ConfigFileError(f"the {EXPORT_TITLES[form]} file name is empty: type a path such as "
-                                  f"{self.run_dir / EXPORT_FILES[form]}")
-        path = Path(path) if path is not None else self.run_dir / EXPORT_FILES[form]
-        if form == "python":
-            write_text_atomic(path, self.export_text(form), error=ConfigFileError)  # as every settings file
-            return path
-        formats.save_settings(self.settings, path, form)
+            raise ConfigFileError(f"the {entry.title} file name is empty: type a path such as "
+                                  f"{self.run_dir / entry.file_name}")
+        path = Path(path) if path is not None else self.run_dir / entry.file_name
+        formats.save_settings(self.settings, path, form, self.model)
         return path
 
     def load(self, source: str | Path) -> list[str]:
@@ -367,8 +349,6 @@ class LoraConfigurator:
         Raises:
             ConfigFileError, SettingsError: When the file cannot be read or holds invalid values.
         """
-        from lora_nb import formats
-
         result = formats.load_settings(Path(source))
         self.set_settings(result.settings)
         return list(result.unknown_keys)
@@ -430,10 +410,9 @@ class LoraConfigurator:
 
         model_spec = next(s for s in field_specs(KitSettings) if s.name == "model_name_or_path")
         model_row = self._field_row("", model_spec)
-        self._preset = W.Dropdown(options=[_NO_PRESET, *_preset_names()], description="preset",
+        self._preset = W.Dropdown(options=[_NO_PRESET, *PRESETS], description="preset",
                                   tooltip="Fill every setting from a named preset (lora_nb.presets)",
                                   style=_STYLE, layout=_WIDE)
-        self._preset.disabled = len(self._preset.options) == 1
         self._preset.add_class("lora-nb-preset")
         self._preset.observe(self._on_change, names="value")
 
@@ -443,7 +422,7 @@ class LoraConfigurator:
         self._warnings_html = _html("lora-nb-warnings")
         self._errors_html = _html("lora-nb-errors")
         self._message_html = _html("lora-nb-message")
-        self.save_bar = SaveBar(self.run_dir / EXPORT_FILES["kit"], lambda: self.save("kit"), lambda: self.draft)
+        self.save_bar = SaveBar(self.run_dir / formats.FORMATS["kit"].file_name, lambda: self.save("kit"), lambda: self.draft)
         panel = W.VBox([W.HTML("<b>Live check</b>"), self.save_bar.widget, self._trainable_html, self._gpu, self._memory_html,
                         self._warnings_html, self._errors_html, self._message_html],
                        layout=W.Layout(width="400px", min_width="400px", border="1px solid #ccc", padding="6px"))
@@ -541,20 +520,20 @@ class LoraConfigurator:
         self._export_text: dict[str, W.Textarea] = {}
         self._export_path: dict[str, W.Text] = {}
         pages = []
-        for form in EXPORT_FORMS:
+        self._save_buttons: dict[str, W.Button] = {}
+        for form, entry in formats.FORMATS.items():
             text = W.Textarea(layout=W.Layout(width="600px", height="300px"))
             text.add_class(f"lora-nb-export-{form}")
-            path = W.Text(value=str(self.run_dir / EXPORT_FILES[form]), description="file", layout=_WIDE)
+            path = W.Text(value=str(self.run_dir / entry.file_name), description="file", layout=_WIDE)
             path.add_class(f"lora-nb-save-path-{form}")
-            button = W.Button(description=f"Save {EXPORT_TITLES[form]}", icon="save")
+            button = W.Button(description=f"Save {entry.title}", icon="save")
             button.add_class(f"lora-nb-save-{form}")
             button.on_click(lambda _b, form=form: self._on_save(form))
-            self._export_text[form], self._export_path[form] = text, path
+            self._export_text[form], self._export_path[form], self._save_buttons[form] = text, path, button
             pages.append(W.VBox([text, W.HBox([path, button])]))
-        self._save_buttons = {f: p.children[1].children[1] for f, p in zip(EXPORT_FORMS, pages)}
         inner = W.Tab(children=pages)
-        inner.titles = tuple(EXPORT_TITLES[f] for f in EXPORT_FORMS)
-        self._load_path = W.Text(value=str(self.run_dir / EXPORT_FILES["kit"]), description="load file",
+        inner.titles = tuple(entry.title for entry in formats.FORMATS.values())
+        self._load_path = W.Text(value=str(self.run_dir / formats.FORMATS["kit"].file_name), description="load file",
                                  tooltip="A kit, axolotl, lora: YAML or peft JSON file", layout=_WIDE)
         self._load_path.add_class("lora-nb-load-path")
         self._load_button = W.Button(description="Load", icon="folder-open")
@@ -610,7 +589,7 @@ class LoraConfigurator:
     def _on_save(self, form: str) -> None:
         def save() -> None:
             path = self.save(form, self._export_path[form].value)
-            self.message = f"saved {EXPORT_TITLES[form]} to <code>{html.escape(str(path))}</code>"
+            self.message = f"saved {formats.FORMATS[form].title} to <code>{html.escape(str(path))}</code>"
             self._show_message()
         self._guard(save)
 
@@ -623,8 +602,6 @@ class LoraConfigurator:
         self._guard(load)
 
     def _load_upload(self) -> None:
-        from lora_nb import formats
-
         files = self._upload.value
         if not files:
             return
@@ -723,8 +700,6 @@ class LoraConfigurator:
 
     def _refresh(self) -> None:
         """Re-validates the draft and recomputes counts, memory, warnings and the exports."""
-        from lora_nb.estimate import count_trainable
-
         draft = self._draft
         errors = list(self._parse_errors.values())
         try:
@@ -787,8 +762,6 @@ class LoraConfigurator:
         self._refresh()
 
     def _estimate_memory(self, draft: KitSettings) -> None:
-        from lora_nb.estimate import estimate_for_lengths
-
         self.memory_by_length = estimate_for_lengths(self.model, draft, self.data_lengths)
         self.memory = next(iter(self.memory_by_length.values()))  # the data's longest batch when known
 
@@ -797,8 +770,6 @@ class LoraConfigurator:
 
     def gpu_verdict(self) -> Any:
         """The planner's :class:`~lora_nb.fit.FitReport` for the chosen GPU (at the data's longest batch), or None."""
-        from lora_nb.fit import plan_fit
-
         if self._gpu.value == _NO_GPU or self.memory is None or self.model is None:
             return None
         return plan_fit(self.model.config, self._gpu.value, settings=self._draft, seq_len=self.memory.seq_len)
@@ -830,15 +801,12 @@ class LoraConfigurator:
 
     def _show_exports(self) -> None:
         """Writes the export texts (only while the Export tab is open: each dump re-validates, ~0.1 s)."""
-        from lora_nb import formats
-
-        for form in EXPORT_FORMS:
+        for form in formats.FORMATS:
             if self.errors:
                 text = "# fix the errors first:\n" + "\n".join(f"# - {e}" for e in self.errors)
             else:
                 try:
-                    text = (formats.to_python(self._draft, self.model) if form == "python"
-                            else formats.dump_settings(self._draft, form))
+                    text = formats.dump_settings(self._draft, form, self.model)
                 except Exception as err:
                     text = f"# cannot export: {err}"
             self._export_text[form].value = text
@@ -930,11 +898,7 @@ def _help_html(spec: FieldSpec) -> str:
 
 
 def _find_targets(model: Any) -> Targets | None:
-    if model is None:
-        return None
-    from lora_nb.targets import find_targets
-
-    return find_targets(model)
+    return None if model is None else find_targets(model)
 
 
 def _q_and_v(targets: Targets) -> list[str]:
@@ -945,8 +909,8 @@ def _q_and_v(targets: Targets) -> list[str]:
 
 def _check_form(form: str) -> None:
     """Refuses an export form the configurator does not write, naming the ones it does."""
-    if form not in EXPORT_FORMS:
-        raise SettingsError(f"export form must be one of {', '.join(EXPORT_FORMS)}, got {quote(form)}: choose one "
+    if form not in formats.FORMATS:
+        raise SettingsError(f"export form must be one of {', '.join(formats.FORMATS)}, got {quote(form)}: choose one "
                             "of them")
 
 
@@ -978,10 +942,9 @@ def _num(value: float) -> str:
 
 
 def _scale(lora: LoraSettings) -> str:
+    """The scale for the summary; a draft may hold values it cannot be computed from."""
     try:
-        if lora.use_rslora:
-            return f"scale alpha/sqrt(r) = {lora.lora_alpha / math.sqrt(lora.r):.3g}"
-        return f"scale alpha/r = {lora.lora_alpha / lora.r:.3g}"
+        return "scale " + lora.scale_text()
     except (TypeError, ZeroDivisionError, ValueError):
         return "scale n/a"
 
@@ -998,8 +961,6 @@ _NO_GPU = "(no GPU verdict)"
 
 
 def _gpu_dropdown(handler: Any) -> W.Dropdown:
-    from lora_nb.fit import GPUS
-
     dropdown = W.Dropdown(options=[_NO_GPU, *GPUS], value=_NO_GPU, description="will it fit on",
                           tooltip="Verdict of the fit planner (lora_nb.fit) for this GPU", style=_STYLE)
     dropdown.add_class("lora-nb-gpu")
@@ -1022,27 +983,6 @@ def _list_html(title: str, items: list[str], color: str) -> str:
     return f"<b style='color:{color}'>{title}</b><ul style='color:{color};margin:0'>{lis}</ul>"
 
 
-def _preset_names() -> list[str]:
-    try:
-        from lora_nb.presets import PRESETS
-    except ImportError:  # presets not available in this install: the dropdown stays disabled
-        return []
-    return list(PRESETS)
-
-
-def _preset_settings(name: str) -> KitSettings:
-    from lora_nb.presets import get_preset
-
-    preset = get_preset(name)
-    if isinstance(preset, KitSettings):
-        return copy.deepcopy(preset)
-    if isinstance(preset, LoraSettings):
-        return KitSettings(lora=copy.deepcopy(preset))
-    if isinstance(preset, dict):
-        return KitSettings.from_dict(preset)
-    raise SettingsError(f"preset {name!r} is a {type(preset).__name__}, not settings")
-
-
 # -------------------------------------------------------------------------------------------------
 # Trainable parameters against the rank, for a plot
 # -------------------------------------------------------------------------------------------------
@@ -1060,8 +1000,6 @@ def trainable_by_rank(model: torch.nn.Module, ranks: Sequence[int],
     Returns:
         Label -> one count per rank.
     """
-    from lora_nb.estimate import count_trainable
-
     target_sets = target_sets if target_sets is not None else default_target_sets(model)
     return {label: [count_trainable(model, LoraSettings(r=r, target_modules=copy.deepcopy(t)))[0] for r in ranks]
             for label, t in target_sets.items()}
@@ -1090,8 +1028,6 @@ def plot_trainable_vs_rank(model: torch.nn.Module, ranks: Sequence[int] = (1, 2,
     Returns:
         The figure (a notebook shows it when it is the cell's value).
     """
-    import matplotlib.pyplot as plt
-
     counts = trainable_by_rank(model, ranks, target_sets)
     total = sum(p.numel() for p in model.parameters())
     fig, ax = plt.subplots(figsize=(6.5, 4))
