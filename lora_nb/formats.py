@@ -553,7 +553,7 @@ def flat_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     target lists sorted (peft keeps a set), one layer index as a list of one."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key in SECTIONS and not prefix:  # a section; dict-valued fields stay whole
             flat |= flat_settings(value, f"{prefix}{key}.")
         elif key in ("target_modules", "exclude_modules") and isinstance(value, list):
             flat[f"{prefix}{key}"] = sorted(value)
@@ -614,6 +614,8 @@ def _write_axolotl(settings: KitSettings, model: Any = None) -> str:
         data["peft_layers_to_transform"] = [lora.layers_to_transform]  # axolotl takes a list
     if lora.init_lora_weights == "loftq":
         data["peft"] = {"loftq_config": {"loftq_bits": lora.loftq_bits}}
+    elif lora.init_lora_weights != "default":
+        data["peft_init_lora_weights"] = lora.init_lora_weights
     data["train_on_inputs"] = not train.train_on_responses_only
     data |= {"auto": {"bf16": "auto"}, "bf16": {"bf16": True}, "fp16": {"fp16": True},
              "fp32": {"bf16": False, "fp16": False}}[train.precision]

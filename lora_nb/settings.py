@@ -32,11 +32,13 @@ from typing import Any, Iterator, Literal, Union
 import peft
 import peft.optimizers
 from peft.tuners.lora.config import CordaConfig, EvaConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 import torch
 import transformers
 
 from .errors import SettingsError, quote
-from .targets import find_targets
+from .targets import Targets, find_targets
 
 ALL_LINEAR = "all-linear"
 
@@ -467,6 +469,10 @@ class LoraSettings:
         if self.target_parameters and self.lora_dropout != 0:
             found.append(f"target_parameters {quote(self.target_parameters)} needs lora_dropout 0 (peft's parameter "
                          f"wrapper applies no dropout), got {self.lora_dropout:g}: set lora_dropout to 0")
+        if self.target_parameters and self.fan_in_fan_out:
+            found.append(f"target_parameters {quote(self.target_parameters)} cannot be used with fan_in_fan_out True "
+                         "(peft's parameter wrapper takes (out, in) weights only, not GPT-2's Conv1D): remove "
+                         "target_parameters, or adapt those layers through target_modules")
         odd = sorted({r for r in [self.r, *self.rank_pattern.values()] if r % 2})
         if self.init_lora_weights == "orthogonal" and odd:
             found.append(f"init_lora_weights 'orthogonal' needs even ranks, got {odd} (r and rank_pattern): use an "
@@ -489,6 +495,10 @@ class LoraSettings:
             tips.append(f"modules_to_save {quote(self.modules_to_save)} trains full copies of these modules: "
                         "only needed when new tokens were added")
         return tips + self.ignored()
+
+    def rank_for(self, path: str) -> int:
+        """The rank peft gives the layer at module path ``path``: rank_pattern's (peft's ``get_pattern_key``), else r."""
+        return self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), path), self.r)
 
     def scale(self) -> float:
         """The factor the update B A x is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
@@ -575,14 +585,17 @@ class LoraSettings:
             found.append(f"fan_in_fan_out must be {targets.fan_in_fan_out} for this model, whose layers are "
                          f"{kind}; got {self.fan_in_fan_out}: set it to {targets.fan_in_fan_out}")
         paths = [path for path, _ in model.named_modules() if path]
-        layer_paths = [lay.path for lay in targets.layers]
+        params = [path for path, _ in model.named_parameters()]
+        wrapped = [p for p in params if any(p == t or p.endswith("." + t) for t in self.target_parameters or [])]
+        layer_paths = [lay.path for lay in targets.layers] + wrapped
         for name in ("rank_pattern", "alpha_pattern", "exclude_modules"):
             unmatched = [k for k in getattr(self, name) or [] if not any(_key_matches(k, p) for p in layer_paths)]
             if unmatched:
                 found.append(f"{name} keys {quote(unmatched)} match no adaptable layer of this model (peft would "
                              f"ignore them silently): use layer names such as {quote(targets.names[:3])} or path "
                              f"suffixes such as {quote(layer_paths[0])}")
-        params = [path for path, _ in model.named_parameters()]
+        if self.init_lora_weights in ("pissa", "olora", "mica"):
+            found += self._rank_size_problems(model, targets)
         unmatched = [t for t in self.target_parameters or [] if not any(p == t or p.endswith("." + t) for p in params)]
         if unmatched:
             found.append(f"target_parameters {quote(unmatched)} match no parameter of this model: name a parameter "
@@ -598,6 +611,23 @@ class LoraSettings:
                              "copy of each and silently drop its LoRA adapter; list the other layers in "
                              "target_modules instead of 'all-linear', or remove them from modules_to_save")
         return found
+
+    def _rank_size_problems(self, model: torch.nn.Module, targets: Targets) -> list[str]:
+        """PiSSA, OLoRA and MiCA take r singular (or QR) vectors of each adapted weight, so r must not exceed its
+        smaller side (peft refuses it for MiCA and silently uses fewer for PiSSA)."""
+        try:
+            config = self.to_peft(model)
+        except SettingsError:
+            return []  # reported by problems() itself
+        small = [f"{lay.path} ({lay.out_features} x {lay.in_features})" for lay in targets.layers
+                 if check_target_module_exists(config, lay.path)
+                 and self.rank_for(lay.path) > min(lay.in_features, lay.out_features)]
+        if not small:
+            return []
+        return [f"init_lora_weights {self.init_lora_weights!r} needs a rank of at most the smaller side of each "
+                "adapted weight (it starts from that many of the weight's own vectors); too "
+                f"small for r {self.r}: {quote(small, 300)}: lower r, give those layers a smaller rank in "
+                "rank_pattern, or use another init_lora_weights"]
 
 
 def _pattern_matches(pattern: str, paths: list[str]) -> bool:

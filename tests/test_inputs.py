@@ -158,7 +158,7 @@ def test_axolotl_union_of_all_linear_and_listed_modules(model):
      "batch_size and gradient_accumulation_steps are both set"),
     ("adapter: lora\nlora_target_linear: true\nmicro_batch_size: 3\nbatch_size: 8\n", "positive multiple"),
     ("adapter: lora\nlora_target_linear: true\npeft_layers_pattern: [layers]\n", "needs peft_layers_to_transform"),
-    ("adapter: lora\nlora_target_linear: true\npeft_init_lora_weights: eva\n", "peft_init_lora_weights 'eva'"),
+    ("adapter: lora\nlora_target_linear: true\npeft_init_lora_weights: lora_ga\n", "peft_init_lora_weights 'lora_ga'"),
     ("adapter: lora\nlora_target_linear: true\nwarmup_steps: 5\nwarmup_ratio: 0.1\n", "are both set"),
 ])
 def test_axolotl_contradictions_are_refused(text, says):
