@@ -19,9 +19,10 @@ What a LoRA layer keeps for the backward pass (the frozen ``W`` keeps nothing of
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,12 +30,11 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from .errors import SettingsError, quote
-from .targets import TargetLayer, find_targets
+from .settings import ALL_LINEAR, KitSettings, LoraSettings
+from .targets import TargetLayer, Targets, find_targets
 
 if TYPE_CHECKING:
     import transformers
-
-    from lora_nb.settings import KitSettings, LoraSettings
 
 # Optimizer state bytes per trainable parameter. AdamW: 2 fp32 moments. bitsandbytes 8-bit: 2 x 1 byte.
 # Adafactor keeps factored second moments (rows + columns per matrix), counted as 0 here. SGD without
@@ -82,6 +82,40 @@ def count_trainable(model: nn.Module, lora: LoraSettings) -> tuple[int, int]:
     tokens = _trainable_tokens(model, lora.trainable_token_indices)
     total = sum(_logical_numel(p) for p in model.parameters()) + sum(a for _, a in adapter) + saved + tokens
     return sum(t for t, _ in adapter) + saved + tokens + _bias_params(model, lora.bias, adapted), total
+
+
+def trainable_by_rank(model: nn.Module, ranks: Sequence[int],
+                      target_sets: dict[str, str | list[str]] | None = None) -> dict[str, list[int]]:
+    """Exact trainable-parameter counts (:func:`count_trainable`) for each rank and target set.
+
+    Args:
+        model: The base model.
+        ranks: LoRA ranks to count.
+        target_sets: Label -> ``target_modules``; default q+v, attention and all-linear of this model.
+
+    Returns:
+        Label -> one count per rank.
+    """
+    target_sets = target_sets if target_sets is not None else default_target_sets(model)
+    return {label: [count_trainable(model, LoraSettings(r=r, target_modules=copy.deepcopy(t)))[0] for r in ranks]
+            for label, t in target_sets.items()}
+
+
+def default_target_sets(model: nn.Module) -> dict[str, str | list[str]]:
+    """q+v (when the model has them separately), all attention layers, and all-linear."""
+    targets = find_targets(model)
+    sets: dict[str, str | list[str]] = {}
+    if q_and_v(targets):
+        sets["q + v"] = q_and_v(targets)
+    sets["attention"] = list(targets.attention)
+    sets["all-linear"] = ALL_LINEAR
+    return sets
+
+
+def q_and_v(targets: Targets) -> list[str]:
+    """The query and value projections by their usual names (empty for fused ones such as c_attn)."""
+    pairs = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"))
+    return next((list(p) for p in pairs if all(n in targets.attention for n in p)), [])
 
 
 def adapted_layers(model: nn.Module, lora: LoraSettings) -> list[TargetLayer]:

@@ -173,7 +173,7 @@ def test_a_new_format_is_one_entry(monkeypatch, tmp_path):
     assert dump_settings(KitSettings(), "toml") == "r = 16\n"
     conf = LoraConfigurator(run_dir=tmp_path)
     assert conf.save("toml") == tmp_path / "configured.toml" and (tmp_path / "configured.toml").read_text() == "r = 16\n"
-    assert "toml" in conf._export_text and "Save TOML" in conf._save_buttons["toml"].description
+    assert "toml" in conf.export_tab.texts and "Save TOML" in conf.export_tab.save_buttons["toml"].description
     assert "toml" not in FORMS  # written only: no reader
 
 
