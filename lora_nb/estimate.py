@@ -19,21 +19,23 @@ What a LoRA layer keeps for the backward pass (the frozen ``W`` keeps nothing of
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn as nn
 
+from peft.tuners.tuners_utils import check_target_module_exists
+
 from .errors import SettingsError, quote
 from .probes import cuda_available
-from .targets import TargetLayer, find_targets
+from .settings import ALL_LINEAR, KitSettings, LoraSettings
+from .targets import TargetLayer, Targets, find_targets
 
 if TYPE_CHECKING:
     import transformers
-
-    from .settings import KitSettings, LoraSettings
 
 # Optimizer state bytes per trainable parameter. AdamW: 2 fp32 moments. bitsandbytes 8-bit: 2 x 1 byte.
 # Adafactor keeps factored second moments (rows + columns per matrix), counted as 0 here. SGD without
@@ -67,17 +69,54 @@ def count_trainable(model: nn.Module, lora: LoraSettings) -> tuple[int, int]:
         SettingsError: When the settings cannot be converted for this model, or their targets match no layer.
     """
     adapted = adapted_layers(model, lora)
-    if not adapted:  # peft refuses to build such an adapter (NoMatchingPeftModuleError): say so, and what exists
+    wrapped = adapted_parameters(model, lora)
+    if not adapted and not wrapped:  # peft refuses to build such an adapter (NoMatchingPeftModuleError): say so
         targets = find_targets(model, include_output_head=True)
         layers = "" if lora.layers_to_transform is None else f" in blocks {quote(lora.layers_to_transform)}"
         raise SettingsError(
             f"target_modules {quote(lora.target_modules)} match no layer of this model{layers}: its adaptable "
             f"layers are {quote(targets.names, 400)} in blocks 0 to {targets.n_layers - 1}; choose among them, "
             "or use 'all-linear'")
-    adapter = sum(_adapter_params(lay, lora.r, lora.use_dora) for lay in adapted)
+    shapes = [(lay.path, lay.in_features, lay.out_features, 1) for lay in adapted] + wrapped
+    adapter = [_adapter_params(lora, *shape) for shape in shapes]  # (trainable, all) per adapted weight
     saved = sum(_numel(m) for m in _modules_to_save(model, lora.modules_to_save or []))
-    total = sum(_logical_numel(p) for p in model.parameters()) + adapter + saved
-    return adapter + saved + _bias_params(model, lora.bias, adapted), total
+    tokens = _trainable_tokens(model, lora.trainable_token_indices)
+    total = sum(_logical_numel(p) for p in model.parameters()) + sum(a for _, a in adapter) + saved + tokens
+    return sum(t for t, _ in adapter) + saved + tokens + _bias_params(model, lora.bias, adapted), total
+
+
+def trainable_by_rank(model: nn.Module, ranks: Sequence[int],
+                      target_sets: dict[str, str | list[str]] | None = None) -> dict[str, list[int]]:
+    """Exact trainable-parameter counts (:func:`count_trainable`) for each rank and target set.
+
+    Args:
+        model: The base model.
+        ranks: LoRA ranks to count.
+        target_sets: Label -> ``target_modules``; default q+v, attention and all-linear of this model.
+
+    Returns:
+        Label -> one count per rank.
+    """
+    target_sets = target_sets if target_sets is not None else default_target_sets(model)
+    return {label: [count_trainable(model, LoraSettings(r=r, target_modules=copy.deepcopy(t)))[0] for r in ranks]
+            for label, t in target_sets.items()}
+
+
+def default_target_sets(model: nn.Module) -> dict[str, str | list[str]]:
+    """q+v (when the model has them separately), all attention layers, and all-linear."""
+    targets = find_targets(model)
+    sets: dict[str, str | list[str]] = {}
+    if q_and_v(targets):
+        sets["q + v"] = q_and_v(targets)
+    sets["attention"] = list(targets.attention)
+    sets["all-linear"] = ALL_LINEAR
+    return sets
+
+
+def q_and_v(targets: Targets) -> list[str]:
+    """The query and value projections by their usual names (empty for fused ones such as c_attn)."""
+    pairs = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"))
+    return next((list(p) for p in pairs if all(n in targets.attention for n in p)), [])
 
 
 def adapted_layers(model: nn.Module, lora: LoraSettings) -> list[TargetLayer]:
@@ -86,15 +125,45 @@ def adapted_layers(model: nn.Module, lora: LoraSettings) -> list[TargetLayer]:
     Raises:
         SettingsError: When the settings cannot be converted for this model.
     """
-    from peft.tuners.tuners_utils import check_target_module_exists
-
     config = lora.to_peft(model)
     return [lay for lay in find_targets(model, include_output_head=True).layers
             if check_target_module_exists(config, lay.path)]
 
 
-def _adapter_params(layer: TargetLayer, r: int, use_dora: bool) -> int:
-    return r * (layer.in_features + layer.out_features) + (layer.out_features if use_dora else 0)
+def adapted_parameters(model: nn.Module, lora: LoraSettings) -> list[tuple[str, int, int, int]]:
+    """The parameters ``target_parameters`` adapts (peft's rule: the path, or a suffix after a dot), each as
+    ``(path, in_features, out_features, experts)``; a 3-D expert weight is ``(experts, in, out)`` in peft."""
+    found = []
+    for path, param in model.named_parameters():
+        if any(path == t or path.endswith("." + t) for t in lora.target_parameters or []):
+            experts, n_in, n_out = param.shape if param.dim() == 3 else (1, param.shape[1], param.shape[0])
+            found.append((path, n_in, n_out, experts))  # the path is peft's key for rank_pattern
+    return found
+
+
+def _adapter_params(lora: LoraSettings, path: str, n_in: int, n_out: int, experts: int) -> tuple[int, int]:
+    """Trainable and all values of one adapted weight: A (r x in) and B (out x r) per expert, plus DoRA's
+    magnitude and lora_bias's bias (out each). The rank is rank_pattern's for this path (peft's
+    ``get_pattern_key``), else r. MiCA freezes B."""
+    r = lora.rank_for(path) * experts
+    a, b = r * n_in, r * n_out
+    extra = (n_out if lora.use_dora else 0) + (n_out if lora.lora_bias else 0)
+    return a + extra + (0 if lora.init_lora_weights == "mica" else b), a + b + extra
+
+
+def _trainable_tokens(model: nn.Module, indices: list[int] | dict[str, list[int]] | None) -> int:
+    """Embedding rows peft trains for ``trainable_token_indices`` (one row of hidden size per index; a layer
+    tied to another shares its rows)."""
+    if indices is None:
+        return 0
+    if isinstance(indices, list):
+        return len(indices) * model.get_input_embeddings().weight.shape[1]
+    weights = {}
+    for path, module in model.named_modules():
+        name = next((k for k in indices if path == k or path.endswith("." + k)), None)
+        if name is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+            weights.setdefault(id(module.weight), len(indices[name]) * module.weight.shape[1])
+    return sum(weights.values())
 
 
 def _bias_params(model: nn.Module, bias: str, adapted: list[TargetLayer]) -> int:

@@ -24,46 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import peft
+from peft.tuners.lora.config import CordaConfig, EvaConfig
 import yaml
 
-from lora_nb.errors import ConfigFileError, SettingsError, quote
-from lora_nb.files import write_text_atomic
-from lora_nb.settings import (ALL_LINEAR, SECTIONS, KitSettings, LoraSettings, QuantSettings, field_specs,
-                              value_problems)
+from .errors import ConfigFileError, SettingsError, quote
+from .files import write_text_atomic
+from .settings import ALL_LINEAR, SECTIONS, KitSettings, LoraSettings, QuantSettings, field_specs, value_problems
 
-Form = Literal["kit", "axolotl", "lora", "peft"]
-FORMS: tuple[Form, ...] = ("kit", "axolotl", "lora", "peft")
+Form = str  # the name of a FORMATS entry: "kit", "axolotl", "lora", "peft", "python"
 
-# axolotl key -> (kit section or "" for top level, kit field)
-AXOLOTL_KEYS: dict[str, tuple[str, str]] = {
-    "base_model": ("", "model_name_or_path"),
-    "lora_r": ("lora", "r"),
-    "lora_alpha": ("lora", "lora_alpha"),
-    "lora_fan_in_fan_out": ("lora", "fan_in_fan_out"),
-    "lora_modules_to_save": ("lora", "modules_to_save"),
-    "peft_layers_to_transform": ("lora", "layers_to_transform"),
-    "peft_use_dora": ("lora", "use_dora"),
-    "peft_use_rslora": ("lora", "use_rslora"),
-    "sequence_len": ("train", "max_seq_length"),
-    "micro_batch_size": ("train", "per_device_train_batch_size"),
-    "gradient_accumulation_steps": ("train", "gradient_accumulation_steps"),
-    "num_epochs": ("train", "num_train_epochs"),
-    "max_steps": ("train", "max_steps"),
-    "learning_rate": ("train", "learning_rate"),
-    "lr_scheduler": ("train", "lr_scheduler_type"),
-    "warmup_steps": ("train", "warmup_steps"),
-    "warmup_ratio": ("train", "warmup_ratio"),
-    "weight_decay": ("train", "weight_decay"),
-    "max_grad_norm": ("train", "max_grad_norm"),
-    "optimizer": ("train", "optim"),
-    "gradient_checkpointing": ("train", "gradient_checkpointing"),
-    "seed": ("train", "seed"),
-    "logging_steps": ("train", "logging_steps"),
-    "eval_steps": ("train", "eval_steps"),
-    "save_steps": ("train", "save_steps"),
-    "save_total_limit": ("train", "save_total_limit"),
-    "group_by_length": ("train", "group_by_length"),
-}
+
+def _axolotl_keys() -> dict[str, tuple[str, str]]:
+    """axolotl key -> (kit section or "" for top level, kit field), from the fields' ``axolotl`` metadata."""
+    owners = {"": KitSettings, **SECTIONS}
+    return {spec.axolotl: (section, spec.name) for section, cls in owners.items() for spec in field_specs(cls)
+            if spec.axolotl}
+
+
+# axolotl keys that are plain renames of kit fields (read from the field metadata).
+AXOLOTL_KEYS: dict[str, tuple[str, str]] = _axolotl_keys()
 # axolotl keys read by hand: what they mean needs more than a rename.
 AXOLOTL_SPECIAL = ("adapter", "lora_target_linear", "lora_target_modules", "load_in_4bit", "load_in_8bit",
                    "train_on_inputs", "bf16", "fp16", "peft_layers_pattern", "peft", "peft_init_lora_weights",
@@ -74,6 +54,7 @@ PEFT_BOOKKEEPING = ("peft_type", "peft_version", "auto_mapping", "inference_mode
 # small file can stand for billions of values ("billion laughs"); the reader counts values with aliases expanded.
 MAX_SETTINGS_CHARS = 200_000
 MAX_SETTINGS_VALUES = 100_000
+_DATA_INIT_CONFIGS = {"eva_config": EvaConfig, "corda_config": CordaConfig}  # peft's defaults are the kit's
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: about 5x faster
 
 
@@ -143,7 +124,7 @@ def settings_from_mapping(data: Any) -> LoadResult:
         SettingsError: When values have the wrong type or range.
     """
     form = detect_form(data)
-    settings, unknown = _READERS[form](data)
+    settings, unknown = FORMATS[form].read(data)
     settings.check(check_environment=False)
     return LoadResult(settings=settings, unknown_keys=unknown, form=form)
 
@@ -161,17 +142,28 @@ def detect_form(data: Any) -> Form:
         raise ConfigFileError(f"settings must be a mapping of keys to values (key: value lines), got "
                               f"{type(data).__name__}: {quote(data)}; write one setting per line, e.g. 'lora_r: 16'")
     keys = {k for k in data if isinstance(k, str)}
-    if "peft_type" in keys:
-        return "peft"
-    if keys & {"quant", "train", "model_name_or_path"}:
-        return "kit"
-    if isinstance(data.get("lora"), dict):
-        return "lora"
-    if keys & ({"adapter"} | set(AXOLOTL_SPECIAL) | {k for k in AXOLOTL_KEYS if k.startswith(("lora_", "peft_"))}):
-        return "axolotl"
+    for fmt in sorted((f for f in FORMATS.values() if f.read is not None), key=lambda f: f.detect_rank):
+        if fmt.detect(keys, data):
+            return fmt.name
     raise ConfigFileError(f"cannot tell the settings form from the keys {quote(sorted(map(str, data)))}: expected the "
                           "kit's sections (lora/quant/train), an axolotl file (adapter, lora_r, ...), a 'lora:' "
                           "section, or a peft adapter_config.json (peft_type)")
+
+
+def _is_peft(keys: set[str], data: dict) -> bool:
+    return "peft_type" in keys
+
+
+def _is_kit(keys: set[str], data: dict) -> bool:
+    return bool(keys & {"quant", "train", "model_name_or_path"})
+
+
+def _is_lora(keys: set[str], data: dict) -> bool:
+    return isinstance(data.get("lora"), dict)
+
+
+def _is_axolotl(keys: set[str], data: dict) -> bool:
+    return bool(keys & ({"adapter"} | set(AXOLOTL_SPECIAL) | {k for k in AXOLOTL_KEYS if k.startswith(("lora_", "peft_"))}))
 
 
 def _read(source: str | os.PathLike) -> str:
@@ -480,12 +472,10 @@ def _kit_around(lora: LoraSettings, **top: Any) -> KitSettings:
 
 def _lora_from_peft_kwargs(kwargs: Any, prefix: str) -> tuple[LoraSettings, dict[str, Any]]:
     """LoRA settings from ``peft.LoraConfig`` keyword arguments; other non-default arguments are returned aside."""
-    import peft
-
     if not isinstance(kwargs, dict):
         raise ConfigFileError(f"{prefix or 'the adapter config'} must be a mapping of LoraConfig arguments (r: 8, ...), "
                               f"got {type(kwargs).__name__}: {quote(kwargs)}")
-    own = {s.name for s in field_specs(LoraSettings)}
+    own = {s.name for s in field_specs(LoraSettings) if s.peft}
     peft_defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                      for f in dataclasses.fields(peft.LoraConfig)}
     values: dict[str, Any] = {}
@@ -494,9 +484,12 @@ def _lora_from_peft_kwargs(kwargs: Any, prefix: str) -> tuple[LoraSettings, dict
         if key == "loftq_config":
             if isinstance(value, dict) and "loftq_bits" in value:
                 values["loftq_bits"] = value["loftq_bits"]
+        elif key in ("eva_config", "corda_config") and kwargs.get("init_lora_weights") == key.removesuffix("_config"):
+            unknown |= {} if _is_default(value, dataclasses.asdict(_DATA_INIT_CONFIGS[key]())) else {
+                f"{prefix}{key}": value}  # peft's default settings of the method are the kit's
         elif key == "init_lora_weights":
             values[key] = "default" if value is True else value
-        elif key == "target_modules" and isinstance(value, list) and prefix == "":
+        elif key in ("target_modules", "exclude_modules") and isinstance(value, list) and prefix == "":
             values[key] = sorted(value, key=str)  # peft stores a set: its order means nothing
         elif key in own:
             if value is not None:
@@ -510,46 +503,43 @@ def _is_default(value: Any, default: Any) -> bool:
     return value == default or (value in ({}, []) and default is None)
 
 
-_READERS: dict[Form, Callable[[dict], tuple[KitSettings, dict[str, Any]]]] = {
-    "kit": _read_kit, "axolotl": _read_axolotl, "lora": _read_lora, "peft": _read_peft,
-}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_settings(settings: KitSettings, path: str | os.PathLike, form: Form = "kit") -> list[str]:
+def save_settings(settings: KitSettings, path: str | os.PathLike, form: Form = "kit", model: Any = None) -> list[str]:
     """Writes settings to a file atomically (a temporary file, then ``os.replace``).
 
     Args:
         settings: The settings to write.
         path: Destination file.
-        form: ``kit`` (full, commented), ``axolotl``, ``lora`` or ``peft`` (adapter_config.json).
+        form: A :data:`FORMATS` name: ``kit`` (full, commented), ``axolotl``, ``lora``, ``peft``
+            (adapter_config.json) or ``python``.
+        model: The base model, to write 'all-linear' as its layer names where the form needs names.
 
     Returns:
         The settings the form cannot carry (``lora.bias='all'`` ...): reading the file back gives
-        their defaults instead. Empty for the kit form.
+        their defaults instead. Empty for the kit form and for forms that are written only (python).
 
     Raises:
         SettingsError: When the settings are invalid or the form is unknown.
         ConfigFileError: When the file cannot be written.
     """
-    write_text_atomic(Path(path), dump_settings(settings, form), error=ConfigFileError)
-    return lost_in_form(settings, form)
+    write_text_atomic(Path(path), dump_settings(settings, form, model), error=ConfigFileError)
+    return lost_in_form(settings, form) if FORMATS[form].read is not None else []
 
 
-def dump_settings(settings: KitSettings, form: Form = "kit") -> str:
+def dump_settings(settings: KitSettings, form: Form = "kit", model: Any = None) -> str:
     """The text :func:`save_settings` writes.
 
     Raises:
         SettingsError: When the settings are invalid or the form is unknown.
     """
-    if not isinstance(form, str) or form not in _WRITERS:
-        raise SettingsError(f"form must be one of {', '.join(FORMS)}, got {quote(form)}: choose one of them")
+    if not isinstance(form, str) or form not in FORMATS:
+        raise SettingsError(f"form must be one of {', '.join(FORMATS)}, got {quote(form)}: choose one of them")
     settings.check(check_environment=False)
-    return _WRITERS[form](settings)
+    return FORMATS[form].write(settings, model)
 
 
 def lost_in_form(settings: KitSettings, form: Form) -> list[str]:
@@ -563,9 +553,9 @@ def flat_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     target lists sorted (peft keeps a set), one layer index as a list of one."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key in SECTIONS and not prefix:  # a section; dict-valued fields stay whole
             flat |= flat_settings(value, f"{prefix}{key}.")
-        elif key == "target_modules" and isinstance(value, list):
+        elif key in ("target_modules", "exclude_modules") and isinstance(value, list):
             flat[f"{prefix}{key}"] = sorted(value)
         elif key == "layers_to_transform" and isinstance(value, int):
             flat[f"{prefix}{key}"] = [value]
@@ -574,7 +564,7 @@ def flat_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _write_kit(settings: KitSettings) -> str:
+def _write_kit(settings: KitSettings, model: Any = None) -> str:
     lines = ["# lora-nb settings. Each key follows its help: what it does (type, default).", ""]
     lines += _commented_fields(settings, "")
     for name in SECTIONS:
@@ -599,7 +589,7 @@ def _yaml_line(key: str, value: Any) -> str:
     return f"{key}: {text.removesuffix(chr(10)).removesuffix('...').strip()}"
 
 
-def _write_axolotl(settings: KitSettings) -> str:
+def _write_axolotl(settings: KitSettings, model: Any = None) -> str:
     lora, train = settings.lora, settings.train
     data: dict[str, Any] = {
         "base_model": settings.model_name_or_path,
@@ -624,34 +614,29 @@ def _write_axolotl(settings: KitSettings) -> str:
         data["peft_layers_to_transform"] = [lora.layers_to_transform]  # axolotl takes a list
     if lora.init_lora_weights == "loftq":
         data["peft"] = {"loftq_config": {"loftq_bits": lora.loftq_bits}}
+    elif lora.init_lora_weights != "default":
+        data["peft_init_lora_weights"] = lora.init_lora_weights
     data["train_on_inputs"] = not train.train_on_responses_only
     data |= {"auto": {"bf16": "auto"}, "bf16": {"bf16": True}, "fp16": {"fp16": True},
              "fp32": {"bf16": False, "fp16": False}}[train.precision]
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def _write_lora(settings: KitSettings) -> str:
-    kwargs = _plain_peft_kwargs(settings.lora)
+def _write_lora(settings: KitSettings, model: Any = None) -> str:
+    kwargs = _plain_peft_kwargs(settings.lora, model)
     return yaml.safe_dump({"lora": kwargs}, sort_keys=False, default_flow_style=False)
 
 
-def _plain_peft_kwargs(lora: LoraSettings) -> dict[str, Any]:
-    kwargs = lora.peft_kwargs()
-    if "loftq_config" in kwargs:
-        kwargs["loftq_config"] = dataclasses.asdict(kwargs["loftq_config"])
-    return kwargs
+def _plain_peft_kwargs(lora: LoraSettings, model: Any = None) -> dict[str, Any]:
+    """peft keyword arguments as plain YAML values (the method configs as mappings)."""
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in lora.peft_kwargs(model).items()}
 
 
-def _write_peft(settings: KitSettings) -> str:
-    data = settings.to_peft().to_dict()
+def _write_peft(settings: KitSettings, model: Any = None) -> str:
+    data = settings.to_peft(model).to_dict()
     data["base_model_name_or_path"] = settings.model_name_or_path
     data = {k: sorted(v, key=str) if isinstance(v, set) else v for k, v in data.items()}
     return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-
-
-_WRITERS: dict[str, Callable[[KitSettings], str]] = {
-    "kit": _write_kit, "axolotl": _write_axolotl, "lora": _write_lora, "peft": _write_peft,
-}
 
 
 def to_python(settings: KitSettings | LoraSettings, model: Any = None) -> str:
@@ -669,8 +654,8 @@ def to_python(settings: KitSettings | LoraSettings, model: Any = None) -> str:
         A snippet defining ``lora_config`` (and ``bnb_config`` and ``model`` when quantized).
     """
     lora = settings.lora if isinstance(settings, KitSettings) else settings
-    kwargs = lora.peft_kwargs(model)
-    names = "LoftQConfig, LoraConfig" if "loftq_config" in kwargs else "LoraConfig"
+    kwargs = _plain_peft_kwargs(lora, model)  # method configs (loftq_config ...) as mappings, which peft takes
+    names = "LoraConfig"
     args = "".join(f"    {key}={value!r},\n" for key, value in kwargs.items())
     bnb = settings.quant.bnb_kwargs() if isinstance(settings, KitSettings) else None
     if bnb is None:
@@ -691,3 +676,48 @@ def to_python(settings: KitSettings | LoraSettings, model: Any = None) -> str:
         "    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={'use_reentrant': False})\n"
         "    return get_peft_model(model, lora_config)\n"
     )
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: one entry per form. Adding a form is adding one entry here; readers, writers, the
+# configurator's export tabs and its save buttons all iterate it.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Format:
+    """One form settings are written in (and, unless ``read`` is None, read from).
+
+    Attributes:
+        name: Short name, as passed to :func:`dump_settings` (``kit``, ``axolotl`` ...).
+        title: How the configurator's tabs and buttons name it.
+        file_name: Default file name in the run folder.
+        write: ``(settings, model) -> text``; ``model`` (may be None) expands 'all-linear' where needed.
+        read: ``mapping -> (settings, unknown keys)``, or None for a form that is written only.
+        detect: ``(string keys, mapping) -> bool``: whether a parsed file is in this form.
+        detect_rank: Order in which :func:`detect_form` asks the forms (lower first; most specific first).
+    """
+
+    name: str
+    title: str
+    file_name: str
+    write: Callable[[KitSettings, Any], str]
+    read: Callable[[dict], tuple[KitSettings, dict[str, Any]]] | None = None
+    detect: Callable[[set[str], dict], bool] | None = None
+    detect_rank: int = 0
+
+
+def _write_python(settings: KitSettings, model: Any = None) -> str:
+    return to_python(settings, model)
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("kit", "kit YAML", "configured.yaml", _write_kit, _read_kit, _is_kit, 1),
+    Format("axolotl", "axolotl YAML", "configured-axolotl.yaml", _write_axolotl, _read_axolotl, _is_axolotl, 3),
+    Format("lora", "lora: YAML", "configured-lora.yaml", _write_lora, _read_lora, _is_lora, 2),
+    Format("peft", "peft JSON", "adapter_config.json", _write_peft, _read_peft, _is_peft, 0),
+    Format("python", "Python", "configured_lora.py", _write_python),
+)}
+# The forms settings are read from (and round-trip through).
+FORMS: tuple[Form, ...] = tuple(name for name, f in FORMATS.items() if f.read is not None)

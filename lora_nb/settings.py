@@ -26,19 +26,24 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Iterator, Literal, Union
 
-from lora_nb.errors import SettingsError, quote
-from lora_nb.probes import bf16_supported, cuda_available, has_package
+import peft
+import peft.optimizers
+from peft.tuners.lora.config import CordaConfig, EvaConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
+import torch
+import transformers
 
-if typing.TYPE_CHECKING:
-    import peft
-    import torch.nn
-    import transformers
+from .errors import SettingsError, quote
+from .probes import bf16_supported, cuda_available, has_package
+from .targets import Targets, find_targets
 
 ALL_LINEAR = "all-linear"
 
-InitLoraWeights = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+InitLoraWeights = Literal["default", "gaussian", "orthogonal", "pissa", "olora", "mica", "loftq", "eva", "corda"]
+DATA_INITS = ("eva", "corda")  # init_lora_weights that need a pass over training data before training
 LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
 ]
@@ -56,9 +61,22 @@ BNB_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_ada
 
 
 def _meta(help: str, group: str, min: float | None = None, max: float | None = None,
-          recommended: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Builds the metadata dict every settings field carries."""
-    return {"help": help, "group": group, "min": min, "max": max, "recommended": recommended}
+          recommended: tuple[float, float] | None = None, *, peft: bool = False,
+          axolotl: str | None = None) -> dict[str, Any]:
+    """Builds the metadata dict every settings field carries.
+
+    Args:
+        help: What the setting does, in the kit's words.
+        group: Section heading for widgets and docs.
+        min: Smallest allowed number (for a list or mapping: of each of its numbers).
+        max: Largest allowed number.
+        recommended: ``(low, high)`` range that usually works.
+        peft: True when the field is a ``peft.LoraConfig`` argument of the same name; then
+            :meth:`LoraSettings.peft_kwargs`, the ``lora:`` form and the peft JSON form carry it.
+        axolotl: The axolotl key that holds the same value under another name (a plain rename), or None.
+    """
+    return {"help": help, "group": group, "min": min, "max": max, "recommended": recommended, "peft": peft,
+            "axolotl": axolotl}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,6 +99,8 @@ class FieldSpec:
         choices: Allowed values when the type is a ``Literal``, else None.
         group: Group name, for laying fields out in sections.
         optional: True when None is an allowed value.
+        peft: True when the field is a ``peft.LoraConfig`` argument of the same name.
+        axolotl: The axolotl key for the same value, or None when axolotl has none (or reads it otherwise).
     """
 
     name: str
@@ -93,6 +113,8 @@ class FieldSpec:
     choices: tuple[Any, ...] | None
     group: str
     optional: bool
+    peft: bool = False
+    axolotl: str | None = None
 
     @property
     def type_name(self) -> str:
@@ -124,7 +146,7 @@ def _specs(cls: type) -> tuple[FieldSpec, ...]:
         specs.append(FieldSpec(
             name=f.name, type=tp, default=default, help=md["help"], min=md["min"], max=md["max"],
             recommended=md["recommended"], choices=_choices(tp), group=md["group"],
-            optional=_matches(None, tp),
+            optional=_matches(None, tp), peft=md["peft"], axolotl=md["axolotl"],
         ))
     return tuple(specs)
 
@@ -145,13 +167,21 @@ def value_problems(cls: type, name: str, value: Any, label: str | None = None) -
     label = label or name
     if not _matches(value, spec.type):
         return [f"{label} must be {_describe(spec)}, got {quote(value)}{_hint(spec)}"]
-    numbers = value if isinstance(value, list) else [value]
-    for number in numbers:
-        if not _is_number(number):
-            continue
+    for number in _numbers(value):
         if (spec.min is not None and number < spec.min) or (spec.max is not None and number > spec.max):
             return [f"{label} must be {_describe(spec)}, got {quote(value)}{_hint(spec)}"]
     return []
+
+
+def _numbers(value: Any) -> Iterator[float]:
+    """The numbers a value holds: itself, or those inside its lists and mapping values."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif _is_number(value):
+        yield value
 
 
 def _choices(tp: Any) -> tuple[Any, ...] | None:
@@ -178,6 +208,9 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(tp)
+        return isinstance(value, dict) and all(_matches(k, key) and _matches(v, item) for k, v in value.items())
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
@@ -201,6 +234,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return f"dict[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
     return tp.__name__
 
 
@@ -216,6 +251,9 @@ def _plain(tp: Any) -> str:
         return " or ".join(_plain(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_plain(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        key, item = (_plain(a).removeprefix("a ").removeprefix("an ") for a in typing.get_args(tp))
+        return f"a mapping of {key}s to {item}s"
     return _PLAIN.get(tp) or f"a {tp.__name__}"
 
 
@@ -248,60 +286,97 @@ class LoraSettings:
     r: int = field(default=16, metadata=_meta(
         "LoRA rank: the inner size of the two small matrices A (r x in) and B (out x r) added beside each "
         "adapted weight. More rank = more trainable parameters and capacity; 8-64 covers most tasks.",
-        "size", min=1, max=1024, recommended=(8, 64)))
+        "size", min=1, max=1024, recommended=(8, 64), peft=True, axolotl="lora_r"))
     lora_alpha: int = field(default=32, metadata=_meta(
         "Scale numerator: the update B A x is multiplied by lora_alpha / r (lora_alpha / sqrt(r) with "
         "use_rslora). Usually 1-2 x r; changing r without alpha changes the effective step size.",
-        "size", min=1, max=4096))
+        "size", min=1, max=4096, peft=True, axolotl="lora_alpha"))
     lora_dropout: float = field(default=0.05, metadata=_meta(
         "Dropout applied to the input of the LoRA branch only (the frozen path sees no dropout). "
         "0 for short runs; 0.05-0.1 against overfitting on small data sets.",
-        "regularization", min=0.0, max=1.0, recommended=(0.0, 0.1)))
+        "regularization", min=0.0, max=1.0, recommended=(0.0, 0.1), peft=True))
     target_modules: Union[Literal["all-linear"], list[str]] = field(default=ALL_LINEAR, metadata=_meta(
         "Layers to adapt, by short name (e.g. q_proj, v_proj, c_attn), or 'all-linear' for every linear "
         "layer except the output head. peft silently skips misspelled names when another name matches; "
         "the kit checks the names against the model.",
-        "targets"))
+        "targets", peft=True))
+    exclude_modules: Union[list[str], None] = field(default=None, metadata=_meta(
+        "Layers NOT to adapt although target_modules matches them, by short name or path suffix (e.g. "
+        "['down_proj'] with 'all-linear', or ['layers.0.self_attn.q_proj']). null = exclude nothing.",
+        "targets", peft=True))
+    target_parameters: Union[list[str], None] = field(default=None, metadata=_meta(
+        "Parameters to adapt directly, by path suffix (e.g. 'mlp.experts.gate_up_proj' for the fused 3-D "
+        "expert weights of mixture-of-experts models, which are parameters, not linear layers). Each gets "
+        "r x (in + out) per expert. Needs lora_dropout 0 (peft's parameter wrapper has no dropout). null = none.",
+        "targets", peft=True, axolotl="lora_target_parameters"))
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata=_meta(
         "Which bias vectors train too: 'none'; 'all' = every bias in the model; 'lora_only' = biases of "
         "the adapted layers. With biases trained, turning the adapter off no longer gives the base model.",
-        "advanced"))
+        "advanced", peft=True))
+    lora_bias: bool = field(default=False, metadata=_meta(
+        "Give the LoRA B matrix its own bias (out values per adapted layer), e.g. to hold the bias difference "
+        "of an extracted adapter. Only with init_lora_weights 'default' and without DoRA (peft's rule).",
+        "advanced", peft=True))
     fan_in_fan_out: bool = field(default=False, metadata=_meta(
         "States how the target layers store their weight: True for (in, out) as GPT-2's Conv1D does, "
         "False for nn.Linear's (out, in). A fact about the model, not a tuning knob; peft corrects a "
         "wrong value with a warning.",
-        "targets"))
+        "targets", peft=True, axolotl="lora_fan_in_fan_out"))
     modules_to_save: Union[list[str], None] = field(default=None, metadata=_meta(
         "Modules trained in full and saved with the adapter (e.g. embed_tokens and lm_head after adding "
         "tokens to the tokenizer). Each costs a full trainable copy of the module.",
-        "targets"))
+        "targets", peft=True, axolotl="lora_modules_to_save"))
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = field(default=None, metadata=_meta(
+        "Train only these rows of the token embedding (e.g. the ids of newly added tokens): a list of token "
+        "ids for the input embedding, or {layer name: ids}. Costs ids x hidden size values instead of a full "
+        "copy of the embedding (modules_to_save). null = none.",
+        "targets", min=0, peft=True, axolotl="peft_trainable_token_indices"))
+    ensure_weight_tying: bool = field(default=False, metadata=_meta(
+        "For models whose output head shares the input embedding's weight: keep the two tied when one of "
+        "them is in modules_to_save or trainable_token_indices (one trained copy instead of two diverging ones).",
+        "targets", peft=True, axolotl="peft_ensure_weight_tying"))
     layers_to_transform: Union[int, list[int], None] = field(default=None, metadata=_meta(
         "Transformer block indices (0-based) to adapt, as one integer or a list; null = every block.",
-        "targets", min=0))
+        "targets", min=0, peft=True, axolotl="peft_layers_to_transform"))
     layers_pattern: Union[str, None] = field(default=None, metadata=_meta(
         "Name of the module list holding the blocks ('layers' in Llama, 'h' in GPT-2), used only with "
         "layers_to_transform. It names the list; it is not a pattern of whole module paths. null = the "
         "first numbered path segment.",
-        "targets"))
+        "targets", peft=True))
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata=_meta(
+        "Per-layer ranks that replace r: {name or path suffix or regex: rank}, e.g. {'down_proj': 32} or "
+        "{'layers.0.self_attn.q_proj': 4}. Layers not matched keep r. Empty = r everywhere.",
+        "size", min=1, max=1024, peft=True))
+    alpha_pattern: dict[str, int] = field(default_factory=dict, metadata=_meta(
+        "Per-layer lora_alpha values, matched like rank_pattern; the scale of a matched layer is its alpha "
+        "over its rank. Empty = lora_alpha everywhere.",
+        "size", min=1, max=4096, peft=True))
     use_rslora: bool = field(default=False, metadata=_meta(
         "Rank-stabilized LoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r, so that large "
         "ranks are not scaled down so much.",
-        "size"))
+        "size", peft=True, axolotl="peft_use_rslora"))
     use_dora: bool = field(default=False, metadata=_meta(
         "DoRA: splits each adapted weight into direction (LoRA) and a trainable magnitude vector "
         "(out_features values per layer). Often better at low rank; slower steps.",
-        "advanced"))
+        "advanced", peft=True, axolotl="peft_use_dora"))
     init_lora_weights: InitLoraWeights = field(default="default", metadata=_meta(
         "How the adapter starts. 'default': A random, B zero, so training starts from the base model; "
-        "'gaussian': A normal instead of Kaiming-uniform; 'pissa'/'olora': from an SVD/QR of the weight "
-        "(changes the base weights to the residual); 'loftq': quantization-aware start, needs a CUDA GPU.",
-        "advanced"))
+        "'gaussian': A normal instead of Kaiming-uniform; 'orthogonal': A and B from one random orthogonal "
+        "matrix (even r only; no extra cost); 'pissa' / 'olora': from an SVD / QR of each weight, which "
+        "REWRITES the base weights to the residual (an SVD per layer at start; save the adapter with the "
+        "conversion to use it on the original base); 'mica': B from the smallest singular vectors (an SVD "
+        "per layer; B stays frozen, so fewer weights train); 'loftq': quantization-aware start, needs a "
+        "FULL-PRECISION base (quant.load_in 'none'), a CUDA GPU and scipy; 'eva' / 'corda': data-driven, "
+        "need a PASS OVER TRAINING DATA before training (peft's initialize_lora_eva_weights / "
+        "preprocess_corda), which the kit's training does not run yet: files with them are read and written, "
+        "not trained.",
+        "advanced", peft=True))
     loftq_bits: Literal[2, 4, 8] = field(default=4, metadata=_meta(
         "Bits LoftQ quantizes the backbone to; used only when init_lora_weights is 'loftq'.",
         "advanced"))
     task_type: Literal["CAUSAL_LM"] = field(default="CAUSAL_LM", metadata=_meta(
         "peft task type; the kit fine-tunes causal (decoder-only) language models.",
-        "advanced"))
+        "advanced", peft=True))
 
     def problems(self, model: torch.nn.Module | None = None) -> list[str]:
         """Lists every problem of these settings (empty when all is well).
@@ -363,6 +438,21 @@ class LoraSettings:
         if self.layers_pattern is not None and not self.layers_pattern.strip():
             found.append("layers_pattern is an empty text: use null (found from the model) or the name of the "
                          "module list holding the blocks ('layers' in Llama, 'h' in GPT-2)")
+        for name in ("exclude_modules", "target_parameters", "rank_pattern", "alpha_pattern"):
+            if any(not str(key).strip() for key in getattr(self, name) or []):
+                found.append(f"{name} holds an empty name, which peft matches to nothing or to everything: remove "
+                             "it or write the layer's name (e.g. down_proj)")
+        if self.target_parameters and self.lora_dropout != 0:
+            found.append(f"target_parameters {quote(self.target_parameters)} needs lora_dropout 0 (peft's parameter "
+                         f"wrapper applies no dropout), got {self.lora_dropout:g}: set lora_dropout to 0")
+        if self.target_parameters and self.fan_in_fan_out:
+            found.append(f"target_parameters {quote(self.target_parameters)} cannot be used with fan_in_fan_out True "
+                         "(peft's parameter wrapper takes (out, in) weights only, not GPT-2's Conv1D): remove "
+                         "target_parameters, or adapt those layers through target_modules")
+        odd = sorted({r for r in [self.r, *self.rank_pattern.values()] if r % 2})
+        if self.init_lora_weights == "orthogonal" and odd:
+            found.append(f"init_lora_weights 'orthogonal' needs even ranks, got {odd} (r and rank_pattern): use an "
+                         "even rank, or another init_lora_weights")
         return found
 
     def advice(self) -> list[str]:
@@ -370,13 +460,9 @@ class LoraSettings:
         if _field_problems(self):
             return []
         tips = []
-        if self.use_rslora:
-            scale = f"lora_alpha / sqrt(r) = {self.lora_alpha / math.sqrt(self.r):.3g}"
-        else:
-            scale = f"lora_alpha / r = {self.lora_alpha / self.r:.3g}"
-            if not 1 <= self.lora_alpha / self.r <= 2:
-                tips.append(f"{scale}: the usual ratio is 1 to 2 (lora_alpha = r to 2 x r); "
-                            "a smaller scale learns slowly, a larger one can be unstable")
+        if not self.use_rslora and not 1 <= self.scale() <= 2:
+            tips.append(f"{self.scale_text()}: the usual ratio is 1 to 2 (lora_alpha = r to 2 x r); "
+                        "a smaller scale learns slowly, a larger one can be unstable")
         if self.lora_dropout > 0.2:
             tips.append(f"lora_dropout {self.lora_dropout:g} is high (usual 0 to 0.1): the adapter may learn slowly")
         if self.r > 128:
@@ -385,6 +471,18 @@ class LoraSettings:
             tips.append(f"modules_to_save {quote(self.modules_to_save)} trains full copies of these modules: "
                         "only needed when new tokens were added")
         return tips + self.ignored()
+
+    def rank_for(self, path: str) -> int:
+        """The rank peft gives the layer at module path ``path``: rank_pattern's (peft's ``get_pattern_key``), else r."""
+        return self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), path), self.r)
+
+    def scale(self) -> float:
+        """The factor the update B A x is multiplied by: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def scale_text(self) -> str:
+        """The scale as a formula and its value, e.g. ``lora_alpha / r = 2``."""
+        return f"lora_alpha / {'sqrt(r)' if self.use_rslora else 'r'} = {self.scale():.3g}"
 
     def to_peft(self, model: torch.nn.Module | None = None) -> peft.LoraConfig:
         """Builds the ``peft.LoraConfig``.
@@ -401,8 +499,6 @@ class LoraSettings:
         Raises:
             SettingsError: When peft refuses the settings, or 'all-linear' must be expanded without a model.
         """
-        import peft
-
         try:
             return peft.LoraConfig(**self.peft_kwargs(model))
         except (ValueError, TypeError, ImportError) as err:
@@ -414,19 +510,15 @@ class LoraSettings:
         Raises:
             SettingsError: When 'all-linear' must be expanded and no model is given.
         """
-        kwargs: dict[str, Any] = {
-            "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-            "target_modules": self._explicit_targets(model), "bias": self.bias,
-            "fan_in_fan_out": self.fan_in_fan_out, "modules_to_save": _copy(self.modules_to_save),
-            "layers_to_transform": _copy(self.layers_to_transform), "layers_pattern": self.layers_pattern,
-            "use_rslora": self.use_rslora, "use_dora": self.use_dora,
-            "init_lora_weights": True if self.init_lora_weights == "default" else self.init_lora_weights,
-            "task_type": self.task_type,
-        }
+        kwargs = {s.name: copy.deepcopy(getattr(self, s.name)) for s in _specs(LoraSettings) if s.peft}
+        kwargs["target_modules"] = self._explicit_targets(model)
+        kwargs["init_lora_weights"] = True if self.init_lora_weights == "default" else self.init_lora_weights
         if self.init_lora_weights == "loftq":
-            import peft
-
             kwargs["loftq_config"] = peft.LoftQConfig(loftq_bits=self.loftq_bits)
+        elif self.init_lora_weights == "eva":
+            kwargs["eva_config"] = EvaConfig()  # peft's default, stated so that peft does not warn
+        elif self.init_lora_weights == "corda":
+            kwargs["corda_config"] = CordaConfig()
         return kwargs
 
     def _needs_model(self) -> bool:
@@ -439,8 +531,6 @@ class LoraSettings:
         if isinstance(self.target_modules, list) and ALL_LINEAR not in self.target_modules:
             return list(self.target_modules)
         if model is not None:
-            from lora_nb.targets import find_targets
-
             extra = [t for t in self.target_modules if t != ALL_LINEAR] if isinstance(self.target_modules, list) else []
             return list(dict.fromkeys(find_targets(model).names + extra))
         if self._needs_model():
@@ -451,8 +541,6 @@ class LoraSettings:
         return ALL_LINEAR
 
     def _model_problems(self, model: torch.nn.Module) -> list[str]:
-        from lora_nb.targets import find_targets
-
         targets = find_targets(model, include_output_head=True)  # the head is a valid explicit target
         found = []
         if isinstance(self.target_modules, list):
@@ -473,6 +561,21 @@ class LoraSettings:
             found.append(f"fan_in_fan_out must be {targets.fan_in_fan_out} for this model, whose layers are "
                          f"{kind}; got {self.fan_in_fan_out}: set it to {targets.fan_in_fan_out}")
         paths = [path for path, _ in model.named_modules() if path]
+        params = [path for path, _ in model.named_parameters()]
+        wrapped = [p for p in params if any(p == t or p.endswith("." + t) for t in self.target_parameters or [])]
+        layer_paths = [lay.path for lay in targets.layers] + wrapped
+        for name in ("rank_pattern", "alpha_pattern", "exclude_modules"):
+            unmatched = [k for k in getattr(self, name) or [] if not any(_key_matches(k, p) for p in layer_paths)]
+            if unmatched:
+                found.append(f"{name} keys {quote(unmatched)} match no adaptable layer of this model (peft would "
+                             f"ignore them silently): use layer names such as {quote(targets.names[:3])} or path "
+                             f"suffixes such as {quote(layer_paths[0])}")
+        if self.init_lora_weights in ("pissa", "olora", "mica"):
+            found += self._rank_size_problems(model, targets)
+        unmatched = [t for t in self.target_parameters or [] if not any(p == t or p.endswith("." + t) for p in params)]
+        if unmatched:
+            found.append(f"target_parameters {quote(unmatched)} match no parameter of this model: name a parameter "
+                         "by its path suffix, e.g. 'mlp.experts.gate_up_proj' in a mixture-of-experts model")
         missing = [m for m in self.modules_to_save or [] if not any(p.endswith(m) for p in paths)]  # peft's rule
         if missing:
             found.append(f"modules_to_save {quote(missing)} not found in the model: remove them, or use names "
@@ -485,6 +588,23 @@ class LoraSettings:
                              "target_modules instead of 'all-linear', or remove them from modules_to_save")
         return found
 
+    def _rank_size_problems(self, model: torch.nn.Module, targets: Targets) -> list[str]:
+        """PiSSA, OLoRA and MiCA take r singular (or QR) vectors of each adapted weight, so r must not exceed its
+        smaller side (peft refuses it for MiCA and silently uses fewer for PiSSA)."""
+        try:
+            config = self.to_peft(model)
+        except SettingsError:
+            return []  # reported by problems() itself
+        small = [f"{lay.path} ({lay.out_features} x {lay.in_features})" for lay in targets.layers
+                 if check_target_module_exists(config, lay.path)
+                 and self.rank_for(lay.path) > min(lay.in_features, lay.out_features)]
+        if not small:
+            return []
+        return [f"init_lora_weights {self.init_lora_weights!r} needs a rank of at most the smaller side of each "
+                "adapted weight (it starts from that many of the weight's own vectors); too "
+                f"small for r {self.r}: {quote(small, 300)}: lower r, give those layers a smaller rank in "
+                "rank_pattern, or use another init_lora_weights"]
+
 
 def _pattern_matches(pattern: str, paths: list[str]) -> bool:
     """peft's rule: the pattern, then a dot and the block index, somewhere in the module path."""
@@ -495,8 +615,13 @@ def _pattern_matches(pattern: str, paths: list[str]) -> bool:
     return any(regex.match(path) for path in paths)
 
 
-def _copy(value: Any) -> Any:
-    return list(value) if isinstance(value, list) else value
+def _key_matches(key: str, path: str) -> bool:
+    """peft's rule for rank_pattern / alpha_pattern keys (``get_pattern_key``): the key, as a regex, ends the path
+    at a dot; exclude_modules names match the same way."""
+    try:
+        return re.match(rf"(.*\.)?({key})$", path) is not None
+    except re.error:
+        return False
 
 
 def _raise_if(problems: list[str]) -> None:
@@ -560,9 +685,6 @@ class QuantSettings:
         Raises:
             SettingsError: When transformers refuses the settings.
         """
-        import torch
-        import transformers
-
         kwargs = self.bnb_kwargs()
         if kwargs is None:
             return None
@@ -598,69 +720,75 @@ class TrainSettings:
     learning_rate: float = field(default=2e-4, metadata=_meta(
         "Peak learning rate of the adapter weights. LoRA tolerates more than full fine-tuning: 5e-5 to 2e-4 "
         "for billion-parameter models, up to 1e-3 for short runs on small ones.",
-        "optimizer", min=1e-7, max=1.0, recommended=(5e-5, 1e-3)))
+        "optimizer", min=1e-7, max=1.0, recommended=(5e-5, 1e-3), axolotl="learning_rate"))
     num_train_epochs: float = field(default=1.0, metadata=_meta(
         "Passes over the training data (fractions allowed); ignored when max_steps > 0. More than 3 "
         "usually overfits.",
-        "schedule", min=0.01, max=100.0, recommended=(1, 3)))
+        "schedule", min=0.01, max=100.0, recommended=(1, 3), axolotl="num_epochs"))
     max_steps: int = field(default=-1, metadata=_meta(
         "Optimizer steps to run; -1 = use num_train_epochs instead.",
-        "schedule", min=-1))
+        "schedule", min=-1, axolotl="max_steps"))
     per_device_train_batch_size: int = field(default=4, metadata=_meta(
         "Examples per forward/backward pass. Memory for activations grows with it.",
-        "batch", min=1, max=1024))
+        "batch", min=1, max=1024, axolotl="micro_batch_size"))
     gradient_accumulation_steps: int = field(default=1, metadata=_meta(
         "Passes whose gradients are summed before one optimizer step: effective batch = batch size x this, "
         "without the memory of a larger batch.",
-        "batch", min=1, max=1024))
+        "batch", min=1, max=1024, axolotl="gradient_accumulation_steps"))
     warmup_steps: int = field(default=0, metadata=_meta(
         "Steps over which the learning rate rises linearly from 0 to its peak. Use this or warmup_ratio.",
-        "schedule", min=0))
+        "schedule", min=0, axolotl="warmup_steps"))
     warmup_ratio: float = field(default=0.0, metadata=_meta(
         "Warmup as a fraction of all steps (0.05-0.1 is usual). Use this or warmup_steps.",
-        "schedule", min=0.0, max=0.99, recommended=(0.0, 0.1)))
+        "schedule", min=0.0, max=0.99, recommended=(0.0, 0.1), axolotl="warmup_ratio"))
     lr_scheduler_type: LrScheduler = field(default="linear", metadata=_meta(
         "How the learning rate moves after warmup: 'linear' decay to 0, 'cosine', 'constant', ...",
-        "schedule"))
+        "schedule", axolotl="lr_scheduler"))
     weight_decay: float = field(default=0.0, metadata=_meta(
         "Decoupled weight decay of the adapter weights (AdamW): pulls them towards 0; 0.01 is a usual start.",
-        "optimizer", min=0.0, max=1.0, recommended=(0.0, 0.1)))
+        "optimizer", min=0.0, max=1.0, recommended=(0.0, 0.1), axolotl="weight_decay"))
     max_grad_norm: float = field(default=1.0, metadata=_meta(
         "Gradient clipping: the gradient is rescaled when its norm exceeds this; 0 = no clipping.",
-        "optimizer", min=0.0, max=100.0))
+        "optimizer", min=0.0, max=100.0, axolotl="max_grad_norm"))
     max_seq_length: int = field(default=512, metadata=_meta(
         "Longest example in tokens; longer ones are cut. Activation memory grows with it.",
-        "data", min=8, max=131072))
+        "data", min=8, max=131072, axolotl="sequence_len"))
     seed: int = field(default=42, metadata=_meta(
         "Seed of every random choice (adapter init, dropout, data order), for repeatable runs.",
-        "reproducibility", min=0, max=2**32 - 1))
+        "reproducibility", min=0, max=2**32 - 1, axolotl="seed"))
     gradient_checkpointing: bool = field(default=False, metadata=_meta(
         "Recompute activations in the backward pass instead of storing them: much less activation "
         "memory, about 20-30% slower steps.",
-        "memory"))
+        "memory", axolotl="gradient_checkpointing"))
     optim: Optimizer = field(default="adamw_torch", metadata=_meta(
         "Optimizer. AdamW keeps 2 fp32 states per trainable weight (8 bytes); the 8-bit variants "
         "(bitsandbytes) 2 bytes; 'paged_' ones move states to CPU RAM under GPU memory pressure; "
         "'sgd' keeps none here.",
-        "optimizer"))
+        "optimizer", axolotl="optimizer"))
+    loraplus_lr_ratio: Union[float, None] = field(default=None, metadata=_meta(
+        "LoRA+: the B matrices learn this many times faster than the A matrices (learning_rate is A's), "
+        "through peft's create_loraplus_optimizer with the optimizer chosen in optim. The LoRA+ paper "
+        "suggests 16 (axolotl's docs: 2^4), often with a learning rate about half the usual. null = plain "
+        "LoRA, one learning rate.",
+        "optimizer", min=1.0, max=1024.0, recommended=(2, 32), axolotl="loraplus_lr_ratio"))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=_meta(
         "Compute precision of training: 'auto' = bf16 on a CUDA GPU that supports it, else fp32; "
         "'fp16' needs a CUDA GPU.",
         "memory"))
     logging_steps: int = field(default=10, metadata=_meta(
         "Record the training loss every this many steps.",
-        "logging", min=1))
+        "logging", min=1, axolotl="logging_steps"))
     eval_steps: Union[int, None] = field(default=None, metadata=_meta(
         "Evaluate on the held-out split every this many steps; null = no evaluation during training.",
-        "logging", min=1))
+        "logging", min=1, axolotl="eval_steps"))
     save_steps: Union[int, None] = field(default=50, metadata=_meta(
         "Save a resumable checkpoint (adapter, optimizer, scheduler, RNG) every this many steps, so a "
         "crashed or disconnected run loses at most this many steps; null = no checkpoints during training "
         "(Ctrl+C still saves one).",
-        "logging", min=1))
+        "logging", min=1, axolotl="save_steps"))
     save_total_limit: Union[int, None] = field(default=2, metadata=_meta(
         "Keep at most this many checkpoints (older ones are deleted); null = keep all.",
-        "logging", min=1))
+        "logging", min=1, axolotl="save_total_limit"))
     train_on_responses_only: bool = field(default=True, metadata=_meta(
         "Compute the loss on the answer tokens only (the prompt is masked), so the model learns to answer "
         "rather than to repeat prompts.",
@@ -669,7 +797,7 @@ class TrainSettings:
         "Batch examples of similar length together: less padding, faster steps (measured 1.58x real "
         "tokens/s on chats of 20-400 tokens on CPU; benchmarks/results/report.md). Used when batches are "
         "padded, i.e. padding_free is off or the model cannot take packed rows.",
-        "data"))
+        "data", axolotl="group_by_length"))
     padding_free: bool = field(default=True, metadata=_meta(
         "Put each batch's examples one after another in a single row, with no padding, each example still "
         "attending only to itself (position_ids restart per example): no compute goes to padding. Checked on "
@@ -753,8 +881,6 @@ class TrainSettings:
         Raises:
             SettingsError: When transformers refuses the arguments.
         """
-        import transformers
-
         precision = self.resolved_precision()
         kwargs: dict[str, Any] = {
             "output_dir": str(output_dir), "learning_rate": self.learning_rate,
@@ -785,6 +911,26 @@ class TrainSettings:
         except (ValueError, TypeError, ImportError) as err:
             raise SettingsError(f"transformers refused the training settings: {err}; change the setting it names") from err
 
+    def make_optimizer(self, model: torch.nn.Module,
+                       args: transformers.TrainingArguments) -> torch.optim.Optimizer | None:
+        """The LoRA+ optimizer for a peft model, or None (the Trainer then builds its usual one).
+
+        Pass the result to the Trainer as ``optimizers=(settings.train.make_optimizer(model, args), None)``.
+
+        Args:
+            model: The peft model (after ``get_peft_model``).
+            args: The training arguments (:meth:`to_training_args`): their optimizer class and settings are used.
+
+        Returns:
+            peft's ``create_loraplus_optimizer`` result when ``loraplus_lr_ratio`` is set, else None.
+        """
+        if self.loraplus_lr_ratio is None:
+            return None
+        optimizer_cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"} | {"loraplus_weight_decay": self.weight_decay}
+        return peft.optimizers.create_loraplus_optimizer(model, optimizer_cls, lr=self.learning_rate,
+                                                         loraplus_lr_ratio=self.loraplus_lr_ratio, **kwargs)
+
     def resolved_precision(self) -> Literal["fp32", "bf16", "fp16"]:
         """The precision training will use: 'auto' resolved for this machine."""
         if self.precision != "auto":
@@ -805,7 +951,7 @@ class KitSettings:
 
     model_name_or_path: str = field(default="HuggingFaceTB/SmolLM2-135M-Instruct", metadata=_meta(
         "Base model: a Hugging Face hub id or a local folder.",
-        "model"))
+        "model", axolotl="base_model"))
     lora: LoraSettings = field(default_factory=LoraSettings, metadata=_meta("The adapter.", "sections"))
     quant: QuantSettings = field(default_factory=QuantSettings, metadata=_meta("Base weight storage.", "sections"))
     train: TrainSettings = field(default_factory=TrainSettings, metadata=_meta("The training run.", "sections"))
@@ -930,6 +1076,10 @@ class KitSettings:
         if self.train.optim in BNB_OPTIMIZERS and not has_package("bitsandbytes"):
             found.append(f"train.optim {self.train.optim!r} needs the bitsandbytes package: install it, "
                          "or use 'adamw_torch'")
+        if self.lora.init_lora_weights in DATA_INITS:
+            found.append(f"lora.init_lora_weights {self.lora.init_lora_weights!r} needs a pass over the training data "
+                         "before training, which the kit's training does not run yet: use 'default', or 'pissa' for "
+                         "a start from the weights themselves")
         if self.lora.init_lora_weights == "loftq":
             if not cuda_available():
                 found.append("lora.init_lora_weights 'loftq' needs a CUDA GPU (peft computes LoftQ on cuda): "

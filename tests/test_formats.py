@@ -201,9 +201,9 @@ def test_reads_an_adapter_config_written_by_peft(tmp_path):
 
 def test_peft_keys_the_kit_lacks_are_kept_aside():
     data = json.loads(dump_settings(KitSettings(), "peft"))
-    data |= {"rank_pattern": {"q_proj": 8}, "lora_bias": True, "exclude_modules": None}
+    data |= {"layer_replication": [[0, 2], [1, 2]], "use_qalora": True, "exclude_modules": None}
     result = load_settings(json.dumps(data))
-    assert result.unknown_keys == {"rank_pattern": {"q_proj": 8}, "lora_bias": True}
+    assert result.unknown_keys == {"layer_replication": [[0, 2], [1, 2]], "use_qalora": True}
 
 
 @pytest.mark.parametrize("lora", [

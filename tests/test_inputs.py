@@ -96,7 +96,7 @@ def test_the_widget_shows_the_same_refusal_as_train(model):
     conf = LoraConfigurator(model)
     conf.controls["lora.lora_dropout"].value = 1.0
     assert any("lora_dropout 1 drops every input" in e for e in conf.errors)
-    assert "lora_dropout 1 drops every input" in conf._errors_html.value
+    assert "lora_dropout 1 drops every input" in conf.panel.errors_html.value
 
 
 @pytest.mark.parametrize("train_settings,says", [
@@ -159,7 +159,7 @@ def test_axolotl_union_of_all_linear_and_listed_modules(model):
      "batch_size and gradient_accumulation_steps are both set"),
     ("adapter: lora\nlora_target_linear: true\nmicro_batch_size: 3\nbatch_size: 8\n", "positive multiple"),
     ("adapter: lora\nlora_target_linear: true\npeft_layers_pattern: [layers]\n", "needs peft_layers_to_transform"),
-    ("adapter: lora\nlora_target_linear: true\npeft_init_lora_weights: eva\n", "peft_init_lora_weights 'eva'"),
+    ("adapter: lora\nlora_target_linear: true\npeft_init_lora_weights: lora_ga\n", "peft_init_lora_weights 'lora_ga'"),
     ("adapter: lora\nlora_target_linear: true\nwarmup_steps: 5\nwarmup_ratio: 0.1\n", "are both set"),
 ])
 def test_axolotl_contradictions_are_refused(text, says):
@@ -217,11 +217,11 @@ def test_billion_laughs_is_refused_quickly_everywhere(tmp_path, model, capsys, n
     assert main(["run", "--config", str(path), "--out", str(tmp_path / "run")]) == 1
     assert "YAML aliases" in capsys.readouterr().err
     conf = LoraConfigurator(model, run_dir=tmp_path)
-    conf._load_path.value = str(path)
-    conf._load_button.click()
-    assert "YAML aliases" in conf._message_html.value
+    conf.export_tab.load_path.value = str(path)
+    conf.export_tab.load_button.click()
+    assert "YAML aliases" in conf.panel.message_html.value
     upload(conf, "bomb.yaml", BOMB.encode())
-    assert "YAML aliases" in conf._message_html.value and conf.errors == []
+    assert "YAML aliases" in conf.panel.message_html.value and conf.errors == []
     assert time.perf_counter() - started < 10
 
 
@@ -304,7 +304,7 @@ def test_csv_rows_with_more_fields_than_the_header(tmp_path):
 
 # ----------------------------------------------------------------------- item 11: the widget's Save and Upload
 def upload(conf: LoraConfigurator, name: str, content: bytes) -> None:
-    conf._upload.value = ({"name": name, "type": "", "size": len(content), "last_modified": datetime.datetime.now(),
+    conf.export_tab.upload.value = ({"name": name, "type": "", "size": len(content), "last_modified": datetime.datetime.now(),
                            "content": memoryview(content)},)
 
 
@@ -336,7 +336,7 @@ def test_upload_never_reads_a_file_named_in_it(model, tmp_path):
     for content in (str(secret), secret.name):
         upload(conf, "innocent.yaml", content.encode())
         assert conf.settings.lora.r != 7
-        assert "neither" in conf._message_html.value or "must be a mapping" in conf._message_html.value
+        assert "neither" in conf.panel.message_html.value or "must be a mapping" in conf.panel.message_html.value
     with pytest.raises(ConfigFileError):
         load_settings_text(str(secret))
 
@@ -344,8 +344,8 @@ def test_upload_never_reads_a_file_named_in_it(model, tmp_path):
 def test_non_utf8_upload_says_how_to_fix_it(model):
     conf = LoraConfigurator(model)
     upload(conf, "latin1.yaml", "lora:\n  r: 8  # é\n".encode("latin-1"))
-    assert "not UTF-8 text (byte 0xe9" in conf._message_html.value
-    assert "save it as UTF-8" in conf._message_html.value
+    assert "not UTF-8 text (byte 0xe9" in conf.panel.message_html.value
+    assert "save it as UTF-8" in conf.panel.message_html.value
 
 
 # ------------------------------------------------------------------------------------ unclear messages
@@ -402,6 +402,6 @@ def test_presets_cite_sources_that_exist():
 def test_the_configurator_shows_an_axolotl_union_as_all_linear():
     conf = LoraConfigurator(tiny_model("llama"))
     conf.set_settings(load_settings("adapter: lora\nlora_target_linear: true\nlora_target_modules: [lm_head]\n").settings)
-    assert conf._all_linear.value and all(box.value for box in conf._target_boxes.values())
+    assert conf.targets_tab.all_linear.value and all(box.value for box in conf.targets_tab.boxes.values())
     wrapped = peft.get_peft_model(tiny_model("llama"), conf.settings.to_peft(tiny_model("llama")))
     assert conf.errors == [] and conf.trainable[0] == wrapped.get_nb_trainable_parameters()[0]

@@ -66,7 +66,11 @@ def test_every_field_refuses_bad_values(section, spec):
 def test_choices_come_from_literal_types():
     specs = {s.name: s for s in field_specs(LoraSettings)}
     assert specs["bias"].choices == ("none", "all", "lora_only")
-    assert specs["init_lora_weights"].choices == ("default", "gaussian", "pissa", "olora", "loftq")
+    peft_inits = {a for arg in typing.get_args(typing.get_type_hints(peft.LoraConfig)["init_lora_weights"])
+                  for a in typing.get_args(arg)}  # the Literal names of the installed peft
+    assert specs["init_lora_weights"].choices[0] == "default"  # peft's True
+    assert set(specs["init_lora_weights"].choices[1:]) <= peft_inits
+    assert {"gaussian", "pissa", "olora", "loftq", "eva", "corda"} <= set(specs["init_lora_weights"].choices)
     assert specs["layers_to_transform"].optional and not specs["r"].optional
     assert specs["target_modules"].type_name == "'all-linear' | list[str]"
     assert {s.name: s.choices for s in field_specs(QuantSettings)}["load_in"] == ("4bit", "8bit", "none")

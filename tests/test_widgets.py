@@ -64,8 +64,8 @@ def test_defaults_are_valid_and_counted_exactly(conf, model):
     assert conf.errors == []
     assert conf.settings == KitSettings()
     assert conf.trainable[0] == peft_count(model, conf.peft_config())
-    assert f"{conf.trainable[0]:,}" in conf._trainable_html.value
-    assert "total" in conf._memory_html.value and "optimizer" in conf._memory_html.value
+    assert f"{conf.trainable[0]:,}" in conf.panel.trainable_html.value
+    assert "total" in conf.panel.memory_html.value and "optimizer" in conf.panel.memory_html.value
 
 
 def test_moving_r_updates_settings_count_and_alpha_advice(conf, model):
@@ -73,56 +73,56 @@ def test_moving_r_updates_settings_count_and_alpha_advice(conf, model):
     conf.controls["lora.r"].value = 64  # alpha stays 32: scale 0.5
     assert conf.settings.lora.r == 64
     assert conf.trainable[0] == 4 * before == peft_count(model, conf.peft_config())
-    assert f"{conf.trainable[0]:,}" in conf._trainable_html.value
+    assert f"{conf.trainable[0]:,}" in conf.panel.trainable_html.value
     assert any("lora_alpha / r = 0.5" in w for w in conf.warnings)
-    assert "lora_alpha / r = 0.5" in conf._warnings_html.value
+    assert "lora_alpha / r = 0.5" in conf.panel.warnings_html.value
     conf.controls["lora.lora_alpha"].value = 128
     assert not any("lora_alpha / r" in w for w in conf.warnings)
 
 
 def test_apply_wraps_the_model_with_the_chosen_adapter(conf, model):
     conf.controls["lora.r"].value = 4
-    conf._target_buttons[1].click()  # q + v
+    conf.targets_tab.buttons[1].click()  # q + v
     wrapped = conf.apply(copy.deepcopy(model))
     assert wrapped.get_nb_trainable_parameters()[0] == conf.trainable[0]
     assert isinstance(conf.peft_config(), peft.LoraConfig)
 
 
 def test_target_buttons_and_boxes(conf, model):
-    assert conf._all_linear.value and all(b.value and b.disabled for b in conf._target_boxes.values())
-    conf._target_buttons[1].click()  # q + v
+    assert conf.targets_tab.all_linear.value and all(b.value and b.disabled for b in conf.targets_tab.boxes.values())
+    conf.targets_tab.buttons[1].click()  # q + v
     assert conf.settings.lora.target_modules == ["q_proj", "v_proj"]
-    assert [n for n, b in conf._target_boxes.items() if b.value] == ["q_proj", "v_proj"]
-    assert not conf._all_linear.value
-    conf._target_boxes["o_proj"].value = True
+    assert [n for n, b in conf.targets_tab.boxes.items() if b.value] == ["q_proj", "v_proj"]
+    assert not conf.targets_tab.all_linear.value
+    conf.targets_tab.boxes["o_proj"].value = True
     assert conf.settings.lora.target_modules == ["q_proj", "v_proj", "o_proj"]
     assert conf.trainable[0] == peft_count(model, conf.peft_config())
-    conf._target_buttons[0].click()  # attention only
+    conf.targets_tab.buttons[0].click()  # attention only
     assert conf.settings.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    conf._all_linear.value = True
+    conf.targets_tab.all_linear.value = True
     assert conf.settings.lora.target_modules == "all-linear"
 
 
 def test_no_target_is_an_error_in_the_panel_not_an_exception(conf):
-    conf._target_buttons[1].click()
-    conf._target_boxes["q_proj"].value = False
-    conf._target_boxes["v_proj"].value = False
+    conf.targets_tab.buttons[1].click()
+    conf.targets_tab.boxes["q_proj"].value = False
+    conf.targets_tab.boxes["v_proj"].value = False
     assert any("empty list" in e for e in conf.errors)
-    assert "empty list" in conf._errors_html.value
-    assert "n/a" in conf._trainable_html.value
+    assert "empty list" in conf.panel.errors_html.value
+    assert "n/a" in conf.panel.trainable_html.value
     with pytest.raises(SettingsError, match="empty list"):
         conf.settings
 
 
 def test_layer_selector_sets_layers_to_transform(conf, model):
-    conf._every_block.value = False
+    conf.targets_tab.every_block.value = False
     assert any("no block selected" in e for e in conf.errors)
-    conf._blocks.value = (1,)
+    conf.targets_tab.blocks.value = (1,)
     assert conf.settings.lora.layers_to_transform == [1]
     assert conf.errors == []
     # all-linear with layer indices: expanded to names (peft refuses the string form), counted exactly
     assert conf.trainable[0] == peft_count(model, conf.peft_config())
-    conf._every_block.value = True
+    conf.targets_tab.every_block.value = True
     assert conf.settings.lora.layers_to_transform is None
 
 
@@ -164,31 +164,31 @@ def test_preset_dropdown_fills_every_control(conf):
     assert conf.controls["train.max_steps"].value == 12
     assert conf.controls["quant.load_in"].value == "none"
     assert conf._preset.value == "(choose a preset)"
-    assert "demo-cpu" in conf._message_html.value
+    assert "demo-cpu" in conf.panel.message_html.value
     conf._preset.value = "qlora-walkthrough"
     assert conf.settings.lora.target_modules == ["q_proj", "v_proj"]
-    assert [n for n, b in conf._target_boxes.items() if b.value] == ["q_proj", "v_proj"]
+    assert [n for n, b in conf.targets_tab.boxes.items() if b.value] == ["q_proj", "v_proj"]
 
 
 def test_exports_parse_back_to_the_settings(conf):
     conf.controls["lora.r"].value = 8
     conf.controls["lora.lora_dropout"].value = 0.1
-    conf._target_buttons[1].click()
+    conf.targets_tab.buttons[1].click()
     open_export_tab(conf)
-    axo = yaml.safe_load(conf._export_text["axolotl"].value)
+    axo = yaml.safe_load(conf.export_tab.texts["axolotl"].value)
     assert (axo["lora_r"], axo["lora_alpha"], axo["lora_dropout"]) == (8, 32, 0.1)
     assert axo["lora_target_modules"] == ["q_proj", "v_proj"]
-    lora = yaml.safe_load(conf._export_text["lora"].value)["lora"]
+    lora = yaml.safe_load(conf.export_tab.texts["lora"].value)["lora"]
     assert (lora["r"], lora["target_modules"]) == (8, ["q_proj", "v_proj"])
-    pj = json.loads(conf._export_text["peft"].value)
+    pj = json.loads(conf.export_tab.texts["peft"].value)
     assert (pj["r"], pj["lora_dropout"], sorted(pj["target_modules"])) == (8, 0.1, ["q_proj", "v_proj"])
-    kit = KitSettings.from_dict(yaml.safe_load(conf._export_text["kit"].value))
+    kit = KitSettings.from_dict(yaml.safe_load(conf.export_tab.texts["kit"].value))
     assert kit == conf.settings
     namespace: dict = {}
-    exec(conf._export_text["python"].value, namespace)
+    exec(conf.export_tab.texts["python"].value, namespace)
     assert namespace["lora_config"].r == 8 and set(namespace["lora_config"].target_modules) == {"q_proj", "v_proj"}
     conf.controls["lora.r"].value = 32  # the open tab follows every change
-    assert yaml.safe_load(conf._export_text["axolotl"].value)["lora_r"] == 32
+    assert yaml.safe_load(conf.export_tab.texts["axolotl"].value)["lora_r"] == 32
 
 
 @pytest.mark.parametrize("form", ["kit", "axolotl", "lora", "peft"])
@@ -196,15 +196,15 @@ def test_save_and_load_round_trip_through_files(model, tmp_path, form):
     conf = LoraConfigurator(model, run_dir=tmp_path)
     conf.controls["lora.r"].value = 4
     conf.controls["lora.lora_alpha"].value = 8
-    conf._target_buttons[0].click()
-    conf._save_buttons[form].click()
+    conf.targets_tab.buttons[0].click()
+    conf.export_tab.save_buttons[form].click()
     path = tmp_path / {"kit": "configured.yaml", "axolotl": "configured-axolotl.yaml",
                        "lora": "configured-lora.yaml", "peft": "adapter_config.json"}[form]
-    assert path.exists() and "saved" in conf._message_html.value
+    assert path.exists() and "saved" in conf.panel.message_html.value
     other = LoraConfigurator(model)
-    other._load_path.value = str(path)
-    other._load_button.click()
-    assert "loaded" in other._message_html.value
+    other.export_tab.load_path.value = str(path)
+    other.export_tab.load_button.click()
+    assert "loaded" in other.panel.message_html.value
     got, want = other.settings, conf.settings
     if form == "peft":  # adapter_config.json stores target_modules as a set: order is lost
         got.lora.target_modules = sorted(got.lora.target_modules)
@@ -216,24 +216,24 @@ def test_save_and_load_round_trip_through_files(model, tmp_path, form):
 
 def test_python_export_is_saved(model, tmp_path):
     conf = LoraConfigurator(model, run_dir=tmp_path)
-    conf._save_buttons["python"].click()
+    conf.export_tab.save_buttons["python"].click()
     assert "LoraConfig(" in (tmp_path / "configured_lora.py").read_text()
 
 
 def test_loading_a_bad_file_shows_the_problem(conf, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora:\n  r: 0\n")
-    conf._load_path.value = str(bad)
-    conf._load_button.click()
-    assert "lora.r" in conf._message_html.value
-    conf._load_path.value = str(tmp_path / "missing.yaml")
-    conf._load_button.click()
-    assert "missing.yaml" in conf._message_html.value
+    conf.export_tab.load_path.value = str(bad)
+    conf.export_tab.load_button.click()
+    assert "lora.r" in conf.panel.message_html.value
+    conf.export_tab.load_path.value = str(tmp_path / "missing.yaml")
+    conf.export_tab.load_button.click()
+    assert "missing.yaml" in conf.panel.message_html.value
     assert conf.errors == []  # the shown settings are unchanged
 
 
 def test_upload_loads_settings(conf):
-    conf._upload.value = ({"name": "s.yaml", "type": "", "size": 20, "last_modified": datetime.datetime.now(),
+    conf.export_tab.upload.value = ({"name": "s.yaml", "type": "", "size": 20, "last_modified": datetime.datetime.now(),
                            "content": memoryview(b"lora:\n  r: 24\n  lora_alpha: 48\n")},)
     assert conf.settings.lora.r == 24 and conf.controls["lora.r"].value == 24
 
@@ -264,7 +264,7 @@ def test_text_summary_is_the_plain_text_form(conf):
 
 def test_without_a_model_targets_are_text(tmp_path):
     conf = LoraConfigurator()
-    assert "give the configurator a model" in conf._trainable_html.value
+    assert "give the configurator a model" in conf.panel.trainable_html.value
     conf.controls["lora.target_modules"].value = "[q_proj, v_proj]"
     assert conf.settings.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(SettingsError, match="needs a model"):
@@ -325,8 +325,8 @@ def test_tabs_and_panel_keep_their_width(conf):
     assert tabs.layout.width == tabs.layout.min_width and tabs.layout.width.endswith("px")
     assert panel.layout.width == panel.layout.min_width == "400px"
     widest = int(tabs.layout.width[:-2])
-    for form in conf._export_text:  # the widest page fits inside the fixed tab width
-        assert int(conf._export_text[form].layout.width[:-2]) < widest
+    for form in conf.export_tab.texts:  # the widest page fits inside the fixed tab width
+        assert int(conf.export_tab.texts[form].layout.width[:-2]) < widest
 
 
 def test_nothing_is_saved_until_save_is_pressed(model, tmp_path):

@@ -22,7 +22,7 @@ def test_without_a_saved_file_training_says_it_uses_the_preset(tmp_path):
 def test_the_saved_choice_is_what_training_prints(tiny_model_dir, tmp_path):
     conf = LoraConfigurator(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir=tmp_path)
     conf.controls["lora.r"].value = 32
-    conf._target_buttons[1].click()  # q + v
+    conf.targets_tab.buttons[1].click()  # q + v
     conf.controls["train.learning_rate"].value = 2e-4
     conf.save_bar.button.click()
     choice = training_choice(tmp_path)
