@@ -795,6 +795,10 @@ class TrainSettings:
         "suggests 16 (axolotl's docs: 2^4), often with a learning rate about half the usual. null = plain "
         "LoRA, one learning rate.",
         "optimizer", min=1.0, max=1024.0, recommended=(2, 32), axolotl="loraplus_lr_ratio"))
+    loraplus_lr_embedding: float = field(default=1e-6, metadata=_meta(
+        "LoRA+: learning rate of LoRA adapters on embedding layers (peft's default 1e-6); used only with "
+        "loraplus_lr_ratio.",
+        "optimizer", min=1e-8, max=1e-2, axolotl="loraplus_lr_embedding"))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=_meta(
         "Compute precision of training: 'auto' = bf16 on a CUDA GPU that supports it, else fp32; "
         "'fp16' needs a CUDA GPU.",
@@ -949,7 +953,8 @@ class TrainSettings:
         if self.loraplus_lr_ratio is None:
             return None
         optimizer_cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
-        kwargs = {k: v for k, v in kwargs.items() if k != "lr"} | {"loraplus_weight_decay": self.weight_decay}
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"} | {"loraplus_weight_decay": self.weight_decay,
+                                                                   "loraplus_lr_embedding": self.loraplus_lr_embedding}
         return peft.optimizers.create_loraplus_optimizer(model, optimizer_cls, lr=self.learning_rate,
                                                          loraplus_lr_ratio=self.loraplus_lr_ratio, **kwargs)
 

@@ -32,6 +32,7 @@ KNOBS = {
     "lora_bias": {"lora.lora_bias": True},
     "ensure_weight_tying": {"lora.ensure_weight_tying": True},
     "loraplus_lr_ratio": {"train.loraplus_lr_ratio": 16.0},
+    "loraplus_lr_embedding": {"train.loraplus_lr_embedding": 1e-5, "train.loraplus_lr_ratio": 16.0},
     **{f"init_{init}": {"lora.init_lora_weights": init}
        for init in ("gaussian", "orthogonal", "pissa", "olora", "mica", "eva", "corda")},
     "init_loftq": {"lora.init_lora_weights": "loftq", "lora.loftq_bits": 8},
