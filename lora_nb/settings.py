@@ -867,6 +867,10 @@ class TrainSettings:
         if steps > 0 and self.warmup_steps >= steps:
             notes.append(f"warmup_steps {self.warmup_steps} >= max_steps {steps}: the learning rate never reaches "
                          f"its peak {self.learning_rate:g}; use fewer warmup steps")
+        embedding_default = next(s.default for s in field_specs(TrainSettings) if s.name == "loraplus_lr_embedding")
+        if self.loraplus_lr_ratio is None and self.loraplus_lr_embedding != embedding_default:
+            notes.append(f"loraplus_lr_embedding {self.loraplus_lr_embedding:g} has no effect: it is used only with "
+                         "loraplus_lr_ratio (null); set loraplus_lr_ratio, or leave it at its default")
         if steps > 0 and self.logging_steps > steps:
             notes.append(f"logging_steps {self.logging_steps} > max_steps {steps}: no training loss is recorded "
                          "during the run; set logging_steps to at most max_steps")

@@ -192,3 +192,10 @@ def test_expert_parameters_count_equals_peft():
     assert kit.lora.problems(model) == []
     predicted = count_trainable(model, kit.lora)
     assert predicted == peft.get_peft_model(model, kit.lora.to_peft(model)).get_nb_trainable_parameters()
+
+
+def test_loraplus_embedding_knob_is_disabled_without_the_ratio():
+    from lora_nb.widgets import inactive_reasons
+
+    assert ("train", "loraplus_lr_embedding") in inactive_reasons(KitSettings())
+    assert ("train", "loraplus_lr_embedding") not in inactive_reasons(_settings(KNOBS["loraplus_lr_ratio"]))
