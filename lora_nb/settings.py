@@ -1,8 +1,10 @@
 """Settings: the one definition of every knob of a LoRA/QLoRA run, its checks, and its conversions.
 
 Each setting is a dataclass field whose ``metadata`` holds the help text, the allowed range, the
-recommended range and a group name; choices are ``Literal`` types. Widgets, YAML comments, docs and
-validation all read :func:`field_specs`, so nothing repeats a default or a range.
+recommended range, a group name and its external names (``peft``: a ``peft.LoraConfig`` argument of the
+same name; ``axolotl``: the axolotl key); choices are ``Literal`` types. Widgets, YAML comments, docs,
+validation, :meth:`LoraSettings.peft_kwargs` and the forms of :mod:`lora_nb.formats` all read
+:func:`field_specs`, so nothing repeats a default, a range or a name: a new knob is one field.
 
 This module is also the only place that builds the library objects: ``peft.LoraConfig``
 (:meth:`LoraSettings.to_peft`), ``transformers.BitsAndBytesConfig`` (:meth:`QuantSettings.to_bnb`)
