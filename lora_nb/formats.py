@@ -1,12 +1,16 @@
 """Formats: read and write settings in the forms users meet, and write them as Python code.
 
-Forms:
+Forms, one :class:`Format` entry each in :data:`FORMATS` (reader, writer, title, default file name,
+detector); adding a form is adding one entry, which the configurator's export tabs pick up:
 
 - ``kit``: the kit's own YAML, every :class:`~lora_nb.settings.KitSettings` field, each key preceded by a
   ``# help (type: ..., default: ...)`` comment generated from the field metadata;
 - ``axolotl``: axolotl's flat keys (``adapter: lora``, ``lora_r``, ``lora_target_linear``, ``micro_batch_size``...);
-- ``lora``: a nested ``lora:`` section whose keys are ``peft.LoraConfig`` arguments;
-- ``peft``: peft's ``adapter_config.json``.
+  a field's axolotl name is in its metadata (:data:`AXOLOTL_KEYS` is read from it); the keys whose meaning is
+  more than a rename are read by hand;
+- ``lora``: a nested ``lora:`` section whose keys are ``peft.LoraConfig`` arguments (the fields marked ``peft``);
+- ``peft``: peft's ``adapter_config.json``;
+- ``python``: code that builds the same ``LoraConfig`` (written only).
 
 :func:`load_settings` detects the form. Keys the kit does not know are returned in
 ``LoadResult.unknown_keys`` (never dropped silently, never an error); empty values mean "default".
@@ -22,7 +26,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import peft
 from peft.tuners.lora.config import CordaConfig, EvaConfig

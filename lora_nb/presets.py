@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from lora_nb.errors import SettingsError, quote
-from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+from .errors import SettingsError, quote
+from .settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 
 _LORA_SECTION_NAMES = ["q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]  # its order
 

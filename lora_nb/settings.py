@@ -1,8 +1,10 @@
 """Settings: the one definition of every knob of a LoRA/QLoRA run, its checks, and its conversions.
 
 Each setting is a dataclass field whose ``metadata`` holds the help text, the allowed range, the
-recommended range and a group name; choices are ``Literal`` types. Widgets, YAML comments, docs and
-validation all read :func:`field_specs`, so nothing repeats a default or a range.
+recommended range, a group name and its external names (``peft``: a ``peft.LoraConfig`` argument of the
+same name; ``axolotl``: the axolotl key); choices are ``Literal`` types. Widgets, YAML comments, docs,
+validation, :meth:`LoraSettings.peft_kwargs` and the forms of :mod:`lora_nb.formats` all read
+:func:`field_specs`, so nothing repeats a default, a range or a name: a new knob is one field.
 
 This module is also the only place that builds the library objects: ``peft.LoraConfig``
 (:meth:`LoraSettings.to_peft`), ``transformers.BitsAndBytesConfig`` (:meth:`QuantSettings.to_bnb`)
@@ -771,6 +773,10 @@ class TrainSettings:
         "suggests 16 (axolotl's docs: 2^4), often with a learning rate about half the usual. null = plain "
         "LoRA, one learning rate.",
         "optimizer", min=1.0, max=1024.0, recommended=(2, 32), axolotl="loraplus_lr_ratio"))
+    loraplus_lr_embedding: float = field(default=1e-6, metadata=_meta(
+        "LoRA+: learning rate of LoRA adapters on embedding layers (peft's default 1e-6); used only with "
+        "loraplus_lr_ratio.",
+        "optimizer", min=1e-8, max=1e-2, axolotl="loraplus_lr_embedding"))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=_meta(
         "Compute precision of training: 'auto' = bf16 on a CUDA GPU that supports it, else fp32; "
         "'fp16' needs a CUDA GPU.",
@@ -839,6 +845,10 @@ class TrainSettings:
         if steps > 0 and self.warmup_steps >= steps:
             notes.append(f"warmup_steps {self.warmup_steps} >= max_steps {steps}: the learning rate never reaches "
                          f"its peak {self.learning_rate:g}; use fewer warmup steps")
+        embedding_default = next(s.default for s in field_specs(TrainSettings) if s.name == "loraplus_lr_embedding")
+        if self.loraplus_lr_ratio is None and self.loraplus_lr_embedding != embedding_default:
+            notes.append(f"loraplus_lr_embedding {self.loraplus_lr_embedding:g} has no effect: it is used only with "
+                         "loraplus_lr_ratio (null); set loraplus_lr_ratio, or leave it at its default")
         if steps > 0 and self.logging_steps > steps:
             notes.append(f"logging_steps {self.logging_steps} > max_steps {steps}: no training loss is recorded "
                          "during the run; set logging_steps to at most max_steps")
@@ -927,7 +937,8 @@ class TrainSettings:
         if self.loraplus_lr_ratio is None:
             return None
         optimizer_cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
-        kwargs = {k: v for k, v in kwargs.items() if k != "lr"} | {"loraplus_weight_decay": self.weight_decay}
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"} | {"loraplus_weight_decay": self.weight_decay,
+                                                                   "loraplus_lr_embedding": self.loraplus_lr_embedding}
         return peft.optimizers.create_loraplus_optimizer(model, optimizer_cls, lr=self.learning_rate,
                                                          loraplus_lr_ratio=self.loraplus_lr_ratio, **kwargs)
 

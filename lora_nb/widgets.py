@@ -71,6 +71,8 @@ def inactive_reasons(settings: KitSettings) -> dict[Key, str]:
     if settings.lora.init_lora_weights != "loftq":
         reasons[("lora", "loftq_bits")] = (f"only used with init_lora_weights: loftq "
                                            f"(now: {settings.lora.init_lora_weights})")
+    if settings.train.loraplus_lr_ratio is None:
+        reasons[("train", "loraplus_lr_embedding")] = "only used with loraplus_lr_ratio (now: null)"
     return reasons
 
 

@@ -32,6 +32,7 @@ KNOBS = {
     "lora_bias": {"lora.lora_bias": True},
     "ensure_weight_tying": {"lora.ensure_weight_tying": True},
     "loraplus_lr_ratio": {"train.loraplus_lr_ratio": 16.0},
+    "loraplus_lr_embedding": {"train.loraplus_lr_embedding": 1e-5, "train.loraplus_lr_ratio": 16.0},
     **{f"init_{init}": {"lora.init_lora_weights": init}
        for init in ("gaussian", "orthogonal", "pissa", "olora", "mica", "eva", "corda")},
     "init_loftq": {"lora.init_lora_weights": "loftq", "lora.loftq_bits": 8},
@@ -191,3 +192,25 @@ def test_expert_parameters_count_equals_peft():
     assert kit.lora.problems(model) == []
     predicted = count_trainable(model, kit.lora)
     assert predicted == peft.get_peft_model(model, kit.lora.to_peft(model)).get_nb_trainable_parameters()
+
+
+def test_loraplus_embedding_knob_is_disabled_without_the_ratio():
+    from lora_nb.widgets import inactive_reasons
+
+    assert ("train", "loraplus_lr_embedding") in inactive_reasons(KitSettings())
+    assert ("train", "loraplus_lr_embedding") not in inactive_reasons(_settings(KNOBS["loraplus_lr_ratio"]))
+
+
+def test_loraplus_optimizer_trains_through_the_trainer(tmp_path):
+    """The hook train.py needs: ``optimizers=(settings.train.make_optimizer(model, args), None)``."""
+    kit = _settings({**KNOBS["loraplus_lr_ratio"], "train.max_steps": 1, "train.per_device_train_batch_size": 2,
+                     "train.save_steps": None, "train.precision": "fp32"})
+    model = peft.get_peft_model(tiny_model("llama"), kit.to_peft(tiny_model("llama")))
+    args = kit.to_training_args(str(tmp_path), use_cpu=True)
+    optimizer = kit.train.make_optimizer(model, args)
+    rows = [{"input_ids": torch.tensor([1, 5, 6, 7]), "labels": torch.tensor([1, 5, 6, 7])}] * 2
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=(optimizer, None))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert trainer.optimizer.optimizer is optimizer  # (accelerate wraps it)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
