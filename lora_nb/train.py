@@ -223,6 +223,7 @@ def train(
             data_collator=plan.collator(tokenizer),
             processing_class=tokenizer,
             callbacks=[_log_callback(folder), *callbacks],
+            optimizers=(settings.train.make_optimizer(peft_model, args), None),
             plan=plan,
         )
         _readable_progress(trainer)

@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .formats import FORMATS
 from .pipeline import DEFAULT_PRESET, configure
 from .run_folder import RUN_FILE
 from .settings import ALL_LINEAR, KitSettings
 
-CONFIGURED = "configured.yaml"  # what the configurator's Save button writes in the run folder
-EXPORTS = ("configured.yaml", "configured-axolotl.yaml", "configured-lora.yaml", "adapter_config.json",
-           "configured_lora.py")  # the configurator's export files (widgets.EXPORT_FILES)
+CONFIGURED = FORMATS["kit"].file_name  # what the configurator's Save button writes in the run folder
+EXPORTS = tuple(form.file_name for form in FORMATS.values())  # the configurator's export files
 
 NEEDED_BYTES = 2_500_000_000  # the demo command: peak RSS 2.46 GB measured; killed under a 2 GB cgroup cap
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")

@@ -220,3 +220,26 @@ def test_logged_steps_print_numbers_as_numbers(tiny, tmp_path, capsys):
         record = ast.literal_eval(line)
         assert all(isinstance(record[k], float) for k in ("loss", "grad_norm", "learning_rate", "epoch"))
         assert all(len(f"{record[k]:.10g}".replace(".", "").lstrip("0")) <= 4 for k in ("loss", "grad_norm"))
+
+
+class LearningRates(TrainerCallback):
+    """Keeps the optimizer's learning rate per parameter name at the first step."""
+
+    def __init__(self):
+        self.by_name: dict[str, float] = {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.by_name:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.by_name = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_loraplus_ratio_gives_lora_b_its_larger_learning_rate(tiny, tmp_path):
+    model_dir, tokenizer, train_set, _ = tiny
+    settings = tiny_settings(model_dir, max_steps=2, warmup_ratio=0.0, lr_scheduler_type="constant",
+                             loraplus_lr_ratio=16.0)
+    rates = LearningRates()
+    train(fresh_model(model_dir), tokenizer, train_set, settings, tmp_path / "run", callbacks=[rates])
+    a = sorted({lr for name, lr in rates.by_name.items() if "lora_A" in name})
+    b = sorted({lr for name, lr in rates.by_name.items() if "lora_B" in name})
+    assert a == pytest.approx([1e-2]) and b == pytest.approx([0.16])
