@@ -445,6 +445,18 @@ def padding_efficiency(lengths: Sequence[int], batch_size: int, order: Sequence[
     return real / padded if padded else 1.0
 
 
+class LengthStats(dict):
+    """The dict `length_stats` returns: exact values, shown with 3 decimals (0.913, not 0.9132608695652173)."""
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: {round(v, 3) if isinstance(v, float) else v!r}" for k, v in self.items()) + "}"
+
+    __str__ = __repr__
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython's display of a cell's last value
+        printer.text(repr(self))
+
+
 def length_stats(tokenized, batch_size: int = 8) -> dict[str, float]:
     """Token-length summary of a tokenized data set, and what padding would cost.
 
@@ -455,14 +467,15 @@ def length_stats(tokenized, batch_size: int = 8) -> dict[str, float]:
     Returns:
         `min`, `median`, `max`, `mean` (tokens), `n`, `truncated` (count), `padding_efficiency`
         (batches in data set order) and `padding_efficiency_grouped` (batches of sorted lengths,
-        the best that length grouping can reach).
+        the best that length grouping can reach). Printed, floats show 3 decimals; the values
+        stay exact.
     """
     lengths = list(tokenized["length"]) if "length" in tokenized.column_names else [len(x) for x in tokenized["input_ids"]]
     if not lengths:
         raise DataError("The tokenized data set is empty; there is nothing to summarise.")
     truncated = sum(tokenized["truncated"]) if "truncated" in tokenized.column_names else 0
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return {
+    return LengthStats({
         "n": len(lengths),
         "min": min(lengths),
         "median": statistics.median(lengths),
@@ -471,7 +484,7 @@ def length_stats(tokenized, batch_size: int = 8) -> dict[str, float]:
         "truncated": truncated,
         "padding_efficiency": padding_efficiency(lengths, batch_size),
         "padding_efficiency_grouped": padding_efficiency(lengths, batch_size, by_length),
-    }
+    })
 
 
 MASK_OPEN, MASK_CLOSE = "[MASKED>", "<MASKED]"

@@ -13,6 +13,9 @@ folder:
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +49,52 @@ class PipelineResult:
     metrics: dict[str, Any]
     train: Any
     seconds: float
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, e.g. Alpine)
+        return None
+
+
+def return_freed_memory_promptly(threshold: int = MMAP_THRESHOLD) -> None:
+    """Serve blocks of `threshold` bytes and more with their own mmap, so freeing one unmaps it at once.
+
+    glibc raises its mmap threshold as large blocks are freed (up to 32 MB), after which the
+    activations of each training step come from the heap, whose freed space stays resident and
+    fragments. Measured on the demo (5 steps of demo-cpu, gradient checkpointing on): training
+    peaked at 2.02 GB RSS with glibc's default, 1.44 GB with a fixed 1 MiB threshold. The setting
+    holds for the rest of the process (glibc has one for all threads).
+    """
+    libc = _libc()
+    if libc is not None:
+        try:
+            libc.mallopt(M_MMAP_THRESHOLD, int(threshold))
+        except AttributeError:
+            pass
+
+
+def release_memory() -> None:
+    """Give freed memory back to the operating system: collect cycles, then trim glibc's heap.
+
+    After training, the trainer, its optimizer and the step's activations are garbage, but Python's
+    reference cycles keep some alive until a collection, and glibc keeps freed heap pages mapped, so
+    the process's resident size stays at the training peak. Evaluation then adds on top of it.
+    """
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        try:
+            libc.malloc_trim(0)
+        except AttributeError:
+            pass
 
 
 def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, model: str | None = None,
@@ -180,6 +229,7 @@ def run_pipeline(
     check_run_arguments(config=config, preset=preset, model=model, data=data, heldout=heldout, out=out,
                         max_new_tokens=max_new_tokens, limit=limit)  # before any long work
     started = time.perf_counter()
+    return_freed_memory_promptly()  # the demo within 2 GB (Binder): see tests/test_memory.py
     out = Path(out)
     settings = configure(config, preset, model, quant, max_steps, overrides)
     source = f"settings file {config}" if config else f"preset {preset!r}"
@@ -206,6 +256,7 @@ def run_pipeline(
     log(f"      {result.global_step} steps in {result.train_seconds:.1f} s, final training loss {final}"
         + (" (interrupted; rerun with --resume)" if result.interrupted else ""))
 
+    release_memory()  # the trainer and its activations are gone: evaluation starts from the model alone
     log(f"[4/4] evaluating : {heldout}" + (f" (first {limit})" if limit else ""))
     evaluation = evaluate_run(result.model, loaded.tokenizer, heldout, run_dir=out, limit=limit,
                               max_new_tokens=max_new_tokens, max_length=settings.train.max_seq_length)
@@ -219,4 +270,5 @@ def run_pipeline(
     return PipelineResult(out, evaluation.metrics, result, seconds)
 
 
-__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "ensure_run", "run_pipeline", "training_settings"]
+__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "ensure_run", "release_memory",
+           "return_freed_memory_promptly", "run_pipeline", "training_settings"]

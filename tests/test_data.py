@@ -231,6 +231,9 @@ def test_length_stats_values(tokenizer):
     stats = length_stats(tok, batch_size=2)
     assert (stats["min"], stats["median"], stats["max"], stats["mean"], stats["truncated"]) == (2, 5, 8, 5, 1)
     assert stats["padding_efficiency"] == pytest.approx(20 / 24)
+    # Printed (as notebook 03 does), floats show 3 decimals; the values stay exact.
+    assert "'padding_efficiency': 0.833," in str(stats) and "0.8333" not in repr(stats)
+    assert stats["padding_efficiency"] == 20 / 24
 
 
 # ---------------------------------------------------------------------------------------- demo task

@@ -32,10 +32,13 @@ LLAMA3_TEMPLATE = (
 )
 # Measured on the tiny model with a random non-zero adapter: F16 0.0003, Q8_0 0.008; F32 exactly 0.
 F16_BOUND, Q8_BOUND = 0.005, 0.05
-# Measured on the demo model (SmolLM2-135M, 8 held-out prompts x 24 answer tokens, base weights): F16 max logit
-# difference 0.047 with 100% token agreement; Q8_0 1.76 with 97.4% (5 of 192; 10 of 380 on 12 prompts x 32):
-# near-tied top-2 logits flip under 8-bit weight noise in this small model, short of the 99%.
-DEMO_F16_BOUND, DEMO_Q8_AGREEMENT = 0.25, 0.95
+# Measured on the demo model (SmolLM2-135M) after the two-step run below, merged: F16 max logit difference 0.052
+# with 100% token agreement. Q8_0 (every matrix, the tied embedding included, in Q8_0 as llama.cpp's
+# convert_hf_to_gguf.py --outtype q8_0 writes it): max logit difference 1.41 and 100% agreement (192 of 192 tokens),
+# and 100% (720 of 720) on all 30 held-out prompts x 24; keeping the embedding in F16 changed neither. An earlier
+# round recorded 97.4% (5 of 192), not reproduced since. Agreement is teacher-forced: at each position of the
+# merged model's greedy answer, does the GGUF model's argmax pick the same next token (see check_round_trips).
+DEMO_F16_BOUND, DEMO_Q8_AGREEMENT = 0.25, 0.99
 
 
 @pytest.fixture(scope="module")

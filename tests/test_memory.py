@@ -52,8 +52,6 @@ def _peak(group: Path) -> int | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="measured 2026-11-26: the demo peaks at 2.46 GB RSS and is killed under a 2 GB "
-                   "cgroup cap; remove this mark once it fits")
 def test_demo_runs_within_2gb(tmp_path):
     out = tmp_path / "run"
     group = _new_cgroup()

@@ -54,9 +54,9 @@ def test_memory_report_reads_binders_limit(monkeypatch):
 
     monkeypatch.setenv("MEM_LIMIT", str(1_000_000_000))
     assert memory_limit() == (1_000_000_000, "MEM_LIMIT (Binder)")
-    assert "only 1.0 GB (MEM_LIMIT (Binder))" in memory_report() and "2.5 GB" in memory_report()
+    assert "only 1.0 GB (MEM_LIMIT (Binder))" in memory_report() and "2.0 GB" in memory_report()
     monkeypatch.setenv("MEM_LIMIT", str(8_000_000_000))
     limit, _ = memory_limit()
     assert limit <= 8_000_000_000
-    if limit >= 2_500_000_000:
+    if limit >= 2_000_000_000:
         assert "enough for the demo training" in memory_report()
