@@ -37,7 +37,8 @@ def test_ratio_and_losses(report):
         assert run["checks"]["padded_rel"] <= bench.PADDING_TOLERANCE
         assert run["plan"] == {"padding_free": True, "chunked_loss": True, "notes": []}
     assert summary["heldout_kit_above"] in (0, 1, 2)
-    assert set(report["acceptance"]) == {"speedup", "heldout_within", "heldout_above"}
+    assert set(report["acceptance"]) == {"seeds_run", "speedup", "heldout_within", "heldout_above"}
+    assert "of 2 seed(s) run" in (report["_out"] / "report.md").read_text()
 
 
 def test_real_tokens_match_a_hand_count(report, tiny_model_dir):
