@@ -54,7 +54,7 @@ from benchmarks.throughput_report import (  # noqa: E402,F401
 def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2), batch_size: int = 8,
                   min_len: int = 20, max_len: int = 400, heldout: int = 8, threads: int | None = None,
                   long_tail: bool = True, long_tail_seeds: int = 1, n_long: int = 4, long_tail_batch_size: int = 2,
-                  memory_steps: int = 2,
+                  memory_steps: int = 2, mixed: bool = True,
                   max_length: int = MAX_LENGTH, out_dir: Path | None = RESULTS_DIR, workdir: Path | None = None,
                   command: str = "") -> dict:
     """Run the whole benchmark and return the report as a dict (written to `out_dir` after every run).
@@ -73,6 +73,8 @@ def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] =
             `long_tail_batch_size` (the recipe pads a batch to its longest chat: 8 x 1,400 positions
             would take about 35 GB on the demo model on CPU).
         memory_steps: steps of the peak-memory measurement per arm (0 = skip).
+        mixed: run the mixed set (False: only the long-tail set and memory, e.g. as one part of a
+            benchmark run side by side and merged with `--merge`).
         max_length: truncation length of the mixed set and the memory measurement.
         out_dir: where report.md, report.json, results.csv and throughput.png go (None = nowhere).
         workdir: scratch folder (default: a temporary one).
@@ -123,7 +125,8 @@ def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] =
     if memory_steps:  # the acceptance measurements first (the shortest first): results are saved after each
         report["memory"] = measure_memory(path, memory_steps, batch_size, max_length)
         save()
-    run_set("mixed")
+    if mixed:
+        run_set("mixed")
     if long_tail:
         run_set("long_tail")
     if tmp is not None:
@@ -143,6 +146,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="truncation length (mixed set, memory)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-long-tail", action="store_true", help="skip the long-tail set")
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed set (e.g. to run the long-tail set alone)")
     p.add_argument("--long-tail-seeds", type=int, default=1, help="how many of the seeds also run the long-tail set")
     p.add_argument("--long-tail-batch-size", type=int, default=2, help="batch size of the long-tail set")
     p.add_argument("--memory-steps", type=int, default=2, help="steps of the peak-memory run per arm (0 = skip)")
@@ -166,7 +170,7 @@ def main(argv=None) -> dict:
         return row
     report = run_benchmark(a.model, a.steps, tuple(int(s) for s in a.seeds.split(",") if s), a.batch_size, a.min_len,
                            a.max_len, a.heldout, a.threads, not a.no_long_tail, a.long_tail_seeds,
-                           long_tail_batch_size=a.long_tail_batch_size, memory_steps=a.memory_steps, max_length=a.max_length, out_dir=Path(a.out),
+                           long_tail_batch_size=a.long_tail_batch_size, memory_steps=a.memory_steps, mixed=not a.no_mixed, max_length=a.max_length, out_dir=Path(a.out),
                            command="python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(render_markdown(report))
     return report

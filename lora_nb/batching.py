@@ -239,8 +239,12 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
             or (window is not None and max(b - a for a, b in bounds) > window)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
-    parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
-                                    **kwargs)[0] for a, b in bounds]
+    # One split per tensor, not a slice per example: the backward of a slice builds a zero tensor of
+    # the whole row and adds into it (examples x row length per layer, 20% of a CPU step at batch 8);
+    # the backward of a split is one concatenation.
+    sizes = [b - a for a, b in bounds]
+    parts = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+             for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))]
     return torch.cat(parts, dim=1), None
 
 
