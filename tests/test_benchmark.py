@@ -83,3 +83,24 @@ def test_turns_alternate():
     for t in threads:
         t.join(timeout=10)
     assert seen == ["a", "b", "c", "a", "c", "a"]
+
+
+def test_merge_parts_run_side_by_side(report, tmp_path):
+    import copy
+
+    from benchmarks.throughput_report import merge_reports, render_markdown
+
+    parts = []
+    for i, name in ((1, "part b"), (0, "part a")):  # out of order: the merge sorts by seed
+        part = copy.deepcopy({k: v for k, v in report.items() if k != "_out"})
+        part["data_sets"]["mixed"]["runs"] = [part["data_sets"]["mixed"]["runs"][i]]
+        part["command"] = name
+        parts.append(part)
+    merged = merge_reports(parts, command="merge")
+    assert [run["seed"] for run in merged["data_sets"]["mixed"]["runs"]] == [0, 1]
+    assert merged["data_sets"]["mixed"]["summary"] == report["data_sets"]["mixed"]["summary"]
+    assert merged["acceptance"]["seeds_run"] == 2
+    text = render_markdown(merged)
+    assert "- `part b`" in text and "then `merge`" in text and "**Partial:** 2 of the 3 seeds" in text
+    one = merge_reports(parts[:1])
+    assert "of 1 seed(s) run" in render_markdown(one)
