@@ -26,7 +26,7 @@ MAX_LENGTH = 512  # truncation length of the mixed set and of the memory measure
 LONG_MAX_LENGTH = 1536  # truncation length of the long-tail set (keeps its 1,000+ token chats whole)
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # dropout 0: the arms compute the same thing
 LEARNING_RATE = 1e-3
-ACCEPTANCE = {"speedup": 1.9, "heldout_rel": 0.02, "heldout_above_max": 1, "memory_ratio": 0.8, "seeds": 3}
+ACCEPTANCE = {"speedup": 1.9, "heldout_rel": 0.02, "heldout_above_max": 1, "memory_ratio": 0.8, "seeds": 3, "steps": 20}
 PADDING_TOLERANCE = 1e-4  # packing or padding must not change a token's loss beyond fp32 rounding
 _WORDS = None
 

@@ -133,6 +133,10 @@ def render_markdown(r: dict) -> str:
             if acc["seeds_run"] < ACCEPTANCE["seeds"]:
                 lines.append(f"- **Partial:** {acc['seeds_run']} of the {ACCEPTANCE['seeds']} seeds the acceptance "
                              "asks for have run; the checks above cover only those.")
+            if r["steps"] < ACCEPTANCE["steps"]:
+                lines.append(f"- **Short runs:** {r['steps']} optimizer steps per arm, not the {ACCEPTANCE['steps']} the "
+                             "acceptance asks for: fewer batches, so the real share of positions (and the ratio) "
+                             "varies more with the draw.")
         if "memory" in acc:
             lines.append(f"- Peak memory (whole process, batch {r['batch_size']}, {r['memory_max_length']}-token cut): kit "
                          f"{acc['memory'][0]:.2f}x the recipe (needed <= {ACCEPTANCE['memory_ratio']}x): "
@@ -189,7 +193,7 @@ def render_markdown(r: dict) -> str:
         f"Reproduce: `{r['command']}`", "",
     ]
     if r.get("parts"):
-        lines[-2:-1] = ["Reproduce: these parts, run side by side (each its own process and folder):", "",
+        lines[-2:-1] = ["Reproduce: these parts (each its own process and folder; they may run side by side):", "",
                         *[f"- `{part}`" for part in r["parts"]], "", f"then `{r['command']}`"]
     return "\n".join(lines)
 
@@ -203,9 +207,11 @@ def merge_reports(reports: list[dict], command: str = "") -> dict:
     """
     if not reports:
         raise ValueError("nothing to merge")
-    first = reports[0]
-    for r in reports[1:]:
-        for key in ("model", "batch_size", "steps", "threads", "heldout"):
+    with_runs = [r for r in reports if any(ds["runs"] for ds in r["data_sets"].values())] or reports
+    first = with_runs[0]
+    for r in reports:  # a memory-only part need not share steps or held-out size
+        keys = ("model", "batch_size", "steps", "threads", "heldout") if r in with_runs else ("model", "batch_size")
+        for key in keys:
             if r[key] != first[key]:
                 raise ValueError(f"the reports differ in {key}: {first[key]!r} vs {r[key]!r}")
     merged = {**first, "data_sets": {}, "memory": [], "parts": [r["command"] for r in reports]}
