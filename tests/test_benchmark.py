@@ -37,7 +37,8 @@ def test_ratio_and_losses(report):
         assert run["checks"]["padded_rel"] <= bench.PADDING_TOLERANCE
         assert run["plan"] == {"padding_free": True, "chunked_loss": True, "notes": []}
     assert summary["heldout_kit_above"] in (0, 1, 2)
-    assert set(report["acceptance"]) == {"speedup", "heldout_within", "heldout_above"}
+    assert set(report["acceptance"]) == {"seeds_run", "speedup", "heldout_within", "heldout_above"}
+    assert "of 2 seed(s) run" in (report["_out"] / "report.md").read_text()
 
 
 def test_real_tokens_match_a_hand_count(report, tiny_model_dir):
@@ -82,3 +83,25 @@ def test_turns_alternate():
     for t in threads:
         t.join(timeout=10)
     assert seen == ["a", "b", "c", "a", "c", "a"]
+
+
+def test_merge_parts_run_side_by_side(report, tmp_path):
+    import copy
+
+    from benchmarks.throughput_report import merge_reports, render_markdown
+
+    parts = []
+    for i, name in ((1, "part b"), (0, "part a")):  # out of order: the merge sorts by seed
+        part = copy.deepcopy({k: v for k, v in report.items() if k != "_out"})
+        part["data_sets"]["mixed"]["runs"] = [part["data_sets"]["mixed"]["runs"][i]]
+        part["command"] = name
+        parts.append(part)
+    merged = merge_reports(parts, command="merge")
+    assert [run["seed"] for run in merged["data_sets"]["mixed"]["runs"]] == [0, 1]
+    assert merged["data_sets"]["mixed"]["summary"] == report["data_sets"]["mixed"]["summary"]
+    assert merged["acceptance"]["seeds_run"] == 2
+    text = render_markdown(merged)
+    assert "- `part b`" in text and "then `merge`" in text and "**Partial:** 2 of the 3 seeds" in text
+    assert "**Short runs:** 2 optimizer steps" in text
+    one = merge_reports(parts[:1])
+    assert "of 1 seed(s) run" in render_markdown(one)
