@@ -19,6 +19,7 @@ import os
 import sys
 import textwrap
 import warnings
+from typing import Any
 
 from .arguments import check_run_arguments
 from .errors import LoraNbError
@@ -29,9 +30,11 @@ from .presets import PRESETS
 from .run_folder import new_run_dir
 from .settings import SECTIONS, GenerationSettings, KitSettings, field_specs
 
-# Short command-line overrides: option -> (section, field). Type, help and range come from the field.
+# Short command-line overrides: option -> (section, field). Type, choices and help come from the field.
 OVERRIDES = {"r": ("lora", "r"), "alpha": ("lora", "lora_alpha"), "lr": ("train", "learning_rate"),
              "steps": ("train", "max_steps")}
+FIT_OVERRIDES = {"quant": ("quant", "load_in"), "r": ("lora", "r"), "dora": ("lora", "use_dora"),
+                 "checkpointing": ("train", "gradient_checkpointing"), "optim": ("train", "optim")}
 _EXAMPLES = """\
 examples:
   lora-nb run                                        demo model, demo data, demo-cpu preset (about a minute on CPU)
@@ -70,11 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--heldout", help="held-out examples (default: the demo task's)")
     run.add_argument("--out", help="run folder to write (default: a new runs/demo-<date>-<time>/)")
     run.add_argument("--quant", choices=_spec("quant", "load_in").choices, help="override quant.load_in")
-    for option, (section, name) in OVERRIDES.items():
-        spec = _spec(section, name)
-        flags = [f"--{option}"] + (["--max-steps"] if name == "max_steps" else [])
-        run.add_argument(*flags, dest=option, type=spec.type, metavar=spec.type.__name__.upper(),
-                         help=f"override {section}.{name}: {spec.help}")
+    _add_overrides(run, OVERRIDES)
     for name in ("limit", "max_new_tokens"):
         spec = next(s for s in field_specs(GenerationSettings) if s.name == name)
         run.add_argument(f"--{name.replace('_', '-')}", type=int, default=spec.default,
@@ -93,6 +92,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_overrides(parser: argparse.ArgumentParser, table: dict[str, tuple[str, str]]) -> None:
+    """One option per entry of `table`, typed and explained by the settings field it overrides."""
+    for option, (section, name) in table.items():
+        spec = _spec(section, name)
+        flags = [f"--{option}"] + (["--max-steps"] if name == "max_steps" else [])
+        explained = f"{section}.{name}: {spec.help}".replace("%", "%%")  # argparse formats help with %
+        if spec.type is bool:
+            parser.add_argument(*flags, dest=option, action="store_const", const=True, help=f"turn on {explained}")
+        elif spec.choices:
+            parser.add_argument(*flags, dest=option, choices=spec.choices, help=f"override {explained}")
+        else:
+            parser.add_argument(*flags, dest=option, type=spec.type, metavar=spec.type.__name__.upper(),
+                                help=f"override {explained}")
+
+
+def _overrides(args: argparse.Namespace, table: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """The options of `table` that were given, by `section.field` name."""
+    return {f"{section}.{name}": getattr(args, option)
+            for option, (section, name) in table.items() if getattr(args, option) is not None}
+
+
 def _print_launch(parser: argparse.ArgumentParser, args: argparse.Namespace, run_args: list[str]) -> int:
     """Check the `run` arguments, then print the launch command."""
     parser.parse_args(["run", *run_args])  # a misspelled run argument fails here, not in N processes
@@ -109,25 +129,12 @@ def _add_fit_parser(sub) -> None:
     fit.add_argument("--config", help="the kit's settings file (default: the kit's defaults)")
     fit.add_argument("--batch", type=int, help="examples per step (default: from the settings, 4)")
     fit.add_argument("--seq", type=int, help="tokens per example (default: max_seq_length, 512)")
-    fit.add_argument("--quant", choices=["4bit", "8bit", "none"], help="override quant.load_in")
-    fit.add_argument("--r", type=int, help="override lora.r")
-    fit.add_argument("--dora", action="store_true", help="use DoRA")
-    fit.add_argument("--checkpointing", action="store_true", help="turn on gradient checkpointing")
-    fit.add_argument("--optim", help="override train.optim (e.g. paged_adamw_8bit)")
+    _add_overrides(fit, FIT_OVERRIDES)
 
 
 def _fit(args) -> None:
     settings = load_settings(args.config).settings if args.config else KitSettings()
-    if args.quant is not None:
-        settings.quant.load_in = args.quant
-    if args.r is not None:
-        settings.lora.r = args.r
-    if args.dora:
-        settings.lora.use_dora = True
-    if args.checkpointing:
-        settings.train.gradient_checkpointing = True
-    if args.optim is not None:
-        settings.train.optim = args.optim
+    settings.override(_overrides(args, FIT_OVERRIDES))
     settings.check(check_environment=False)
     print(plan_fit(args.model, args.gpu, args.memory, settings, args.batch, args.seq))
 
@@ -178,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from .pipeline import run_pipeline  # every stage (peft, datasets, matplotlib): not for --help, fit or launch
 
-    overrides = {f"{section}.{name}": getattr(args, option)
-                 for option, (section, name) in OVERRIDES.items() if getattr(args, option) is not None}
+    overrides = _overrides(args, OVERRIDES)
     try:
         check_run_arguments(config=args.config, preset=args.preset, model=args.model, data=args.data,
                             heldout=args.heldout, out=args.out, max_new_tokens=args.max_new_tokens, limit=args.limit)

@@ -108,7 +108,7 @@ def _log_callback(folder: RunFolder):
 
 
 def _readable_progress(trainer) -> None:
-    """Print each logged step with its numbers as numbers, 4 significant digits.
+    """Print each logged step with its numbers as numbers, 4 significant digits; label the held-out loss bar.
 
     transformers 5's console callbacks print `{'loss': '6.295', 'learning_rate': '0.0002'}`: numbers
     turned into strings. The notebook's progress table is left as it is.
@@ -117,6 +117,11 @@ def _readable_progress(trainer) -> None:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and self.training_bar is not None:
                 self.training_bar.write(str(_rounded(logs)))
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+            if self.prediction_bar is not None:  # transformers' bar has no label: say what it measures
+                self.prediction_bar.set_description("held-out loss", refresh=False)
 
     class ReadablePrinter(PrinterCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):

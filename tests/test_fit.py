@@ -87,3 +87,18 @@ def test_fit_command(capsys):
     assert "Qwen2.5-0.5B on T4" in out and "batch 2 x 512" in out and "checkpointing on" in out and "FITS" in out
     assert main(["fit", "Qwen2.5-0.5B", "--gpu", "V100"]) == 1
     assert "unknown GPU" in capsys.readouterr().err
+
+
+def test_fit_options_are_the_settings_fields(capsys):
+    assert main(["fit", "Qwen2.5-0.5B", "--gpu", "T4", "--quant", "none", "--r", "32", "--dora",
+                 "--optim", "paged_adamw_8bit"]) == 0
+    out = capsys.readouterr().out
+    assert "(none base, r 32, fp16, checkpointing off, paged_adamw_8bit)" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "Qwen2.5-0.5B", "--gpu", "T4", "--optim", "adamw9"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'adamw9'" in err and "paged_adamw_8bit" in err
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "20-30% slower" in capsys.readouterr().out  # the field's own help text, '%' intact

@@ -211,10 +211,13 @@ def test_demo_recipe_margins(demo_run):
     assert after["valid_json"] >= 0.9
 
 
-def test_logged_steps_print_numbers_as_numbers(tiny, tmp_path, capsys):
-    model_dir, tokenizer, train_set, _ = tiny
-    train(fresh_model(model_dir), tokenizer, train_set, tiny_settings(model_dir, max_steps=2), tmp_path / "run")
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{'loss'")]
+def test_logged_steps_print_numbers_as_numbers_and_the_eval_bar_is_labelled(tiny, tmp_path, capsys):
+    model_dir, tokenizer, train_set, eval_set = tiny
+    train(fresh_model(model_dir), tokenizer, train_set, tiny_settings(model_dir, max_steps=2), tmp_path / "run",
+          eval_data=eval_set)
+    printed = capsys.readouterr()
+    assert "held-out loss: 100%" in printed.err
+    lines = [line for line in printed.out.splitlines() if line.startswith("{'loss'")]
     assert len(lines) == 2
     for line in lines:
         record = ast.literal_eval(line)
