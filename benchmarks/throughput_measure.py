@@ -172,7 +172,7 @@ def race(trainers: dict, turns: TurnTaker) -> None:
 def per_example_losses(model, input_ids: list[list[int]], labels: list[list[int]], how: str) -> list[float]:
     """Mean token loss of each example: `alone` (one by one, unpadded), `padded` (one batch padded to
     its longest) or `packed` (one padding-free row, through the kit's loss)."""
-    from lora_nb.batching import BatchPlan, PackedCollator, ShiftedPadCollator, loss_sum, packed_attention
+    from lora_nb.batching import BatchPlan, PackedCollator, ShiftedPadCollator, packed_attention
     from lora_nb.loss import shift_labels
 
     model.eval()

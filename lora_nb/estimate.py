@@ -22,20 +22,17 @@ from __future__ import annotations
 import copy
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-
+import transformers
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from .errors import SettingsError, quote
 from .probes import cuda_available
 from .settings import ALL_LINEAR, KitSettings, LoraSettings
 from .targets import TargetLayer, Targets, find_targets
-
-if TYPE_CHECKING:
-    import transformers
 
 # Optimizer state bytes per trainable parameter. AdamW: 2 fp32 moments. bitsandbytes 8-bit: 2 x 1 byte.
 # Adafactor keeps factored second moments (rows + columns per matrix), counted as 0 here. SGD without
@@ -421,8 +418,6 @@ def _shapes(model: nn.Module, lora: LoraSettings) -> tuple[int, Any, list[Target
 def _as_model(model_or_config: Any) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
         return model_or_config
-    import transformers
-
     with torch.device("meta"):
         return transformers.AutoModelForCausalLM.from_config(model_or_config)
 

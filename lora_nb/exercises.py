@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from safetensors import safe_open
+
+from .estimate import count_trainable
+from .nf4 import count_parameters
 from .run_folder import ADAPTER_WEIGHTS_FILE
+from .settings import KitSettings, LoraSettings
+from .targets import find_targets
 
 if TYPE_CHECKING:
     import torch.nn
-
-    from .settings import KitSettings
 
 SOLUTIONS = "LORA_NB_SOLUTIONS"  # "1": exercises show their answers
 
@@ -162,8 +166,6 @@ def weights_memory_exercise(billions: float = 7.0, bits: int = 4) -> Exercise:
 
 def stored_parameters_exercise(model: torch.nn.Module, full_count: int) -> Exercise:
     """Notebook 01: what ``sum(p.numel())`` reports for a 4-bit model whose full count is ``full_count``."""
-    from .nf4 import count_parameters
-
     counts = count_parameters(model)
     return Exercise(
         question=(f"The demo model has {full_count:,} weights. Loaded in 4-bit, what does "
@@ -178,10 +180,6 @@ def stored_parameters_exercise(model: torch.nn.Module, full_count: int) -> Exerc
 def trainable_exercise(model: torch.nn.Module, r: int = 8, targets: Sequence[str] | str = ("q_proj", "v_proj")
                        ) -> Exercise:
     """Notebook 02: how many parameters does LoRA train at rank ``r`` on ``targets``?"""
-    from .estimate import count_trainable
-    from .settings import LoraSettings
-    from .targets import find_targets
-
     target_list = targets if isinstance(targets, str) else list(targets)
     trainable, _ = count_trainable(model, LoraSettings(r=r, target_modules=target_list))
     found = find_targets(model)
@@ -224,8 +222,6 @@ def steps_exercise(settings: KitSettings, n_examples: int) -> Exercise:
 
 def adapter_size_exercise(adapter_dir: str | Path) -> Exercise:
     """Notebook 04: how many MB does the saved adapter take, from its number of parameters?"""
-    from safetensors import safe_open
-
     file = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
     with safe_open(str(file), "pt") as weights:
         parameters = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())

@@ -39,8 +39,14 @@ from typing import Any, Literal, Sequence
 
 import gguf
 import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .adapters import base_model_of, find_adapter, merge_adapter
 from .errors import ExportError
+from .files import write_text_atomic
+from .loading import resolve_model
 
 GgufType = Literal["f32", "f16", "q8_0"]
 GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -88,8 +94,6 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: GgufType
         ExportError: unknown `gguf_type`, an architecture, rope scaling or tokenizer the kit cannot
             export, a weight with no llama.cpp name, no safetensors weights, or the file cannot be written.
     """
-    from transformers import AutoConfig
-
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"GGUF type {gguf_type!r} is not one the kit writes; choose one of {sorted(GGUF_TYPES)}.")
     model_dir = Path(model_dir).expanduser()
@@ -187,8 +191,6 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def _gguf_tensors(model_dir: Path, config, arch: gguf.MODEL_ARCH):
     """Yield `(gguf_name, float32 array)` for every weight, renamed and (q, k) permuted for llama.cpp."""
-    from safetensors import safe_open
-
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -238,8 +240,6 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray,
 
 
 def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as err:
@@ -429,8 +429,6 @@ def write_modelfile(model_dir: str | Path, gguf_file: str | Path, out_file: str 
     Returns:
         The Modelfile's path.
     """
-    from .files import write_text_atomic
-
     out = Path(out_file) if out_file else Path(gguf_file).with_name(MODELFILE)
     write_text_atomic(out, modelfile_text(_load_tokenizer(Path(model_dir)), gguf_file), error=ExportError)
     return out
@@ -481,11 +479,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None,
         ExportError: see `export_gguf`; nothing is merged when the architecture is unsupported.
         RunFolderError: the folder holds no adapter.
     """
-    from transformers import AutoConfig
-
-    from .adapters import base_model_of, find_adapter, merge_adapter
-    from .loading import resolve_model
-
     bad = [t for t in gguf_types if t not in GGUF_TYPES]
     if bad or not gguf_types:
         raise ExportError(f"GGUF types {bad or list(gguf_types)} are not ones the kit writes; choose from {sorted(GGUF_TYPES)}.")
@@ -566,9 +559,6 @@ def check_round_trips(model_dir: str | Path, gguf_files: Sequence[str | Path],
     Returns:
         One `RoundTrip` per file, in order.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     tokenizer = _load_tokenizer(Path(model_dir))
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     chats = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
@@ -586,9 +576,6 @@ def check_round_trips(model_dir: str | Path, gguf_files: Sequence[str | Path],
 
 def _compare(tokenizer, texts: list[str], answers: list, gguf_file: Path) -> RoundTrip:
     """One GGUF file against the reference's answers and logits."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     loaded_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     worst, agree, total = 0.0, 0, 0

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+import transformers
 
 from .errors import ModelLoadError, SettingsError
 from .estimate import MemoryEstimate, estimate_memory
@@ -105,8 +106,6 @@ def load_config(model: str | Path | Any) -> Any:
     Raises:
         ModelLoadError: When no config can be found.
     """
-    import transformers
-
     if not isinstance(model, (str, Path)):
         return model
     text = str(model)
@@ -132,8 +131,6 @@ def load_config(model: str | Path | Any) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _meta_model_cached(key: str) -> torch.nn.Module:
-    import transformers
-
     values = json.loads(key)
     config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
     with torch.device("meta"):
@@ -357,7 +354,7 @@ def plot_fit(rows: list[dict[str, Any]], title: str = "") -> Any:
     Returns:
         The matplotlib figure.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only for the plot: the configurator's fit panel imports this module
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     colors = {"fits": "tab:green", "tight": "tab:orange", "does not fit": "tab:red"}

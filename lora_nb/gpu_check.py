@@ -35,14 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import peft
 import torch
+import transformers
+from peft import get_peft_model
+from transformers import TrainerCallback
 
+from .batching import PackedCollator
+from .data import PadCollator
+from .demo import build_tiny_model
 from .errors import SettingsError
 from .estimate import estimate_memory
 from .files import write_text_atomic
 from .fit import Gpu, find_gpu, load_config
+from .loading import load_model
 from .probes import bf16_supported, cuda_available, package_version
 from .settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
+from .train import train
 
 MODELS = ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B")
 STEPS = 8  # optimizer steps per variant; the first is warm-up (kernels, allocator) and is not timed
@@ -149,9 +159,6 @@ def run_gpu_check(out: str | Path | None = None, models: tuple[str, ...] = MODEL
     Returns:
         The report.
     """
-    import peft
-    import transformers
-
     started = time.perf_counter()
     cuda = cuda_available()
     smoke = (not cuda) if smoke is None else smoke
@@ -204,13 +211,9 @@ def _bnb_version() -> str:
 
 def _random_model(name: str, work: Path) -> Path:
     """A random-weight model folder (with the tiny test tokenizer) of a shipped config's shape."""
-    from .demo import build_tiny_model
-
     tiny = build_tiny_model(work / "tiny")
     if name == "tiny":
         return tiny
-    import transformers
-
     folder = work / name.replace("/", "--")
     config = load_config(name)
     torch.manual_seed(0)
@@ -246,8 +249,6 @@ class _StepTimer:
     """Trainer callback: times steps after the first, counts real tokens, records losses."""
 
     def __init__(self, tokens_per_step: list[int]):
-        from transformers import TrainerCallback
-
         timer = self
 
         class Callback(TrainerCallback):
@@ -283,10 +284,6 @@ def _run_variant(name: str, folder: Path, spec: dict[str, Any], steps: int, gpu:
 
 def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: int, gpu: Gpu | None,
              work: Path) -> None:
-    import datasets
-
-    from .loading import load_model
-
     cuda = cuda_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -329,10 +326,6 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
         return batch
 
     if path == "kit":
-        from .batching import PackedCollator
-        from .data import PadCollator
-        from .train import train
-
         originals = {cls: cls.__call__ for cls in (PadCollator, PackedCollator)}
         for cls, original in originals.items():  # count what the kit batches, padded or packed
             cls.__call__ = lambda self, features, original=original: count(original(self, features))
@@ -342,9 +335,6 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
             for cls, original in originals.items():
                 cls.__call__ = original
         return counted
-    import transformers
-    from peft import get_peft_model
-
     t = settings.train
     peft_model = get_peft_model(model, settings.lora.to_peft(model))
     plain = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)

@@ -30,7 +30,7 @@ import copy
 import html
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import ipywidgets as W
 import matplotlib.figure
@@ -562,8 +562,8 @@ def plot_trainable_vs_rank(model: torch.nn.Module, ranks: Sequence[int] = (1, 2,
     counts = trainable_by_rank(model, ranks, target_sets)
     total = sum(p.numel() for p in model.parameters())
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, values in counts.items():
-        ax.plot(ranks, values, marker="o", label=label)
+    for target_set, values in counts.items():
+        ax.plot(ranks, values, marker="o", label=target_set)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(list(ranks), [str(r) for r in ranks])
