@@ -13,9 +13,6 @@ folder:
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from .arguments import check_run_arguments
 from .demo import DEMO_MODEL_ID
 from .demo_task import demo_data_paths
 from .formats import load_settings
+from .host_memory import release_memory, return_freed_memory_promptly
 from .loading import describe_model, load_model
 from .presets import get_preset
 from .run_folder import (ADAPTER_DIR, GENERATIONS_FILE, LOG_FILE, LOSS_PLOT_FILE, METRICS_FILE, SETTINGS_FILE, RunFolder,
@@ -49,52 +47,6 @@ class PipelineResult:
     metrics: dict[str, Any]
     train: Any
     seconds: float
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD = 1 << 20
-
-
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, e.g. Alpine)
-        return None
-
-
-def return_freed_memory_promptly(threshold: int = MMAP_THRESHOLD) -> None:
-    """Serve blocks of `threshold` bytes and more with their own mmap, so freeing one unmaps it at once.
-
-    glibc raises its mmap threshold as large blocks are freed (up to 32 MB), after which the
-    activations of each training step come from the heap, whose freed space stays resident and
-    fragments. Measured on the demo (5 steps of demo-cpu, gradient checkpointing on): training
-    peaked at 2.02 GB RSS with glibc's default, 1.44 GB with a fixed 1 MiB threshold. The setting
-    holds for the rest of the process (glibc has one for all threads).
-    """
-    libc = _libc()
-    if libc is not None:
-        try:
-            libc.mallopt(M_MMAP_THRESHOLD, int(threshold))
-        except AttributeError:
-            pass
-
-
-def release_memory() -> None:
-    """Give freed memory back to the operating system: collect cycles, then trim glibc's heap.
-
-    After training, the trainer, its optimizer and the step's activations are garbage, but Python's
-    reference cycles keep some alive until a collection, and glibc keeps freed heap pages mapped, so
-    the process's resident size stays at the training peak. Evaluation then adds on top of it.
-    """
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        try:
-            libc.malloc_trim(0)
-        except AttributeError:
-            pass
 
 
 def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, model: str | None = None,
@@ -270,5 +222,4 @@ def run_pipeline(
     return PipelineResult(out, evaluation.metrics, result, seconds)
 
 
-__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "ensure_run", "release_memory",
-           "return_freed_memory_promptly", "run_pipeline", "training_settings"]
+__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "ensure_run", "run_pipeline", "training_settings"]

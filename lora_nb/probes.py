@@ -15,6 +15,7 @@ import os
 import socket
 import urllib.parse
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -106,3 +107,54 @@ def hub_reachable(timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
+
+
+_CGROUP_ROOTS = {"v2": (Path("/sys/fs/cgroup"), "memory.max"),
+                 "v1": (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")}
+
+
+def memory_limit() -> tuple[int | None, str]:
+    """The memory this session may use, and where that number comes from.
+
+    Looks at Binder's ``MEM_LIMIT``, the limits of this process's own memory cgroup and of every
+    cgroup above it (v2 and v1, read from ``/proc/self/cgroup``), and the machine's RAM, and
+    returns the smallest.
+
+    Returns:
+        ``(bytes, source)``; ``(None, reason)`` when nothing can be read.
+    """
+    found: list[tuple[int, str]] = []
+    if os.environ.get("MEM_LIMIT", "").isdigit():
+        found.append((int(os.environ["MEM_LIMIT"]), "MEM_LIMIT (Binder)"))
+    found += [(limit, "cgroup limit") for limit in _cgroup_limits()]
+    try:
+        found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    return min(found) if found else (None, "unknown")
+
+
+def _cgroup_limits() -> list[int]:
+    """The memory limits of this process's cgroup and of its parents, up to the hierarchy's root."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        root, name = _CGROUP_ROOTS[version]
+        folder = root / path.lstrip("/")
+        for level in (folder, *folder.parents):
+            try:
+                text = (level / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+                limits.append(int(text))
+            if level == root:
+                break
+    return limits

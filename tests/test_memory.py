@@ -52,8 +52,10 @@ def _peak(group: Path) -> int | None:
     return None
 
 
-def test_demo_runs_within_2gb(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture
+def capped():
+    """`(enter_cap, group)`: a function that puts the calling process under the cap (for `preexec_fn`), and
+    the cgroup (None where an address-space limit stands in for it); the cgroup is removed afterwards."""
     group = _new_cgroup()
 
     def enter_cap() -> None:
@@ -62,18 +64,62 @@ def test_demo_runs_within_2gb(tmp_path):
         else:
             resource.setrlimit(resource.RLIMIT_AS, (CAP, CAP))
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    try:
-        done = subprocess.run([sys.executable, "-m", "lora_nb", "run", "--out", str(out), "--limit", "8"],
-                              env=env, cwd=tmp_path, preexec_fn=enter_cap, capture_output=True, text=True,
-                              timeout=1800)
-        peak = _peak(group) if group is not None else None
-    finally:
-        if group is not None:
-            group.rmdir()
+    yield enter_cap, group
+    if group is not None:
+        group.rmdir()
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+
+
+def test_demo_runs_within_2gb(tmp_path, capped):
+    enter_cap, group = capped
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "lora_nb", "run", "--out", str(out), "--limit", "8"],
+                          env=_env(), cwd=tmp_path, preexec_fn=enter_cap, capture_output=True, text=True,
+                          timeout=1800)
+    peak = _peak(group) if group is not None else None
     assert done.returncode == 0, f"killed or failed under a {CAP / 1e9:g} GB cap:\n{done.stderr[-3000:]}"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["heldout_loss"] < metrics["before"]["heldout_loss"]
     if peak is not None:
         assert peak <= CAP
         print(f"peak memory of the demo in its cgroup: {peak / 1e9:.2f} GB")
+
+
+def test_the_cap_is_seen_from_inside(capped):
+    """The probe reads the process's own cgroup (not the container's root), so training knows it is small."""
+    enter_cap, group = capped
+    if group is None:
+        pytest.skip("no cgroup could be made here (not root): nothing for the probe to read")
+    code = "from lora_nb.host_memory import small_session; from lora_nb.probes import memory_limit; " \
+           "print(*memory_limit(), small_session(), sep='|')"
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), preexec_fn=enter_cap, capture_output=True,
+                          text=True, timeout=600, check=True)
+    limit, source, small = done.stdout.strip().splitlines()[-1].split("|")
+    assert abs(int(limit) - CAP) < 1 << 16 and source == "cgroup limit" and small == "True"  # v1 rounds to pages
+
+
+def test_notebooks_03_and_04_run_within_2gb(tmp_path, capped):
+    """Notebooks 03 (train: the demo model, demo-cpu's 12 steps) and 04 (evaluate) top to bottom, each in its
+    own kernel, under the cap."""
+    enter_cap, group = capped
+    (tmp_path / "notebooks").mkdir()
+    code = ("import sys, nbformat, nbclient\n"
+            "for path in sys.argv[2:]:\n"
+            "    nb = nbformat.read(path, as_version=4)\n"
+            "    nbclient.NotebookClient(nb, timeout=1800, kernel_name='python3', "
+            "resources={'metadata': {'path': sys.argv[1]}}).execute()\n")
+    notebooks = [str(REPO / "notebooks" / name) for name in ("03_train.ipynb", "04_evaluate.ipynb")]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "notebooks"), *notebooks], env=_env(),
+                          preexec_fn=enter_cap, capture_output=True, text=True, timeout=3000)
+    peak = _peak(group) if group is not None else None
+    assert done.returncode == 0, f"a notebook failed or its kernel died under a {CAP / 1e9:g} GB cap:\n{done.stderr[-3000:]}"
+    runs = list((tmp_path / "runs").glob("train-*/run.json"))
+    assert len(runs) == 1 and json.loads(runs[0].read_text())["status"] == "finished"
+    metrics = json.loads((runs[0].parent / "metrics.json").read_text())  # 04's evaluation
+    assert metrics["after"]["heldout_loss"] < metrics["before"]["heldout_loss"]
+    if peak is not None:
+        assert peak <= CAP
+        print(f"peak memory of notebooks 03 and 04 in their cgroup: {peak / 1e9:.2f} GB")

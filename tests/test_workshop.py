@@ -50,7 +50,8 @@ def test_reset_removes_saved_settings_and_runs(tmp_path):
 
 
 def test_memory_report_reads_binders_limit(monkeypatch):
-    from lora_nb.workshop import memory_limit, memory_report
+    from lora_nb.probes import memory_limit
+    from lora_nb.workshop import memory_report
 
     monkeypatch.setenv("MEM_LIMIT", str(1_000_000_000))
     assert memory_limit() == (1_000_000_000, "MEM_LIMIT (Binder)")
@@ -59,4 +60,4 @@ def test_memory_report_reads_binders_limit(monkeypatch):
     limit, _ = memory_limit()
     assert limit <= 8_000_000_000
     if limit >= 2_000_000_000:
-        assert "enough for the demo training" in memory_report()
+        assert "enough for the demo (notebooks 03 and 04" in memory_report()
