@@ -2,12 +2,18 @@
 
 The stages, one module each: `environment` (what this machine can do), `demo` (the offline demo
 model), `loading` (4-bit/8-bit/full-precision loading), `settings` + `presets` + `formats` (the
-single definition of every knob, its validation and YAML/JSON forms), `targets` + `estimate`
-(adaptable layers, exact trainable counts, memory), `data` + `batching` (tokenizing, masking,
-length grouping), `train` (Trainer with run folders and resume), `evaluate` + `runs` (before/after,
-adapters, merging, comparing runs), `plots` and `widgets` (what the notebooks display), `pipeline`
-(the headless run behind `python -m lora_nb run`), `threads` (how the kit shares the CPU; applied
-here, first, so every entry point gets it).
+single definition of every knob, its validation and its forms, one registry entry per form),
+`targets` + `estimate` + `fit` (adaptable layers, exact trainable counts, memory, will it fit),
+`data` + `batching` + `loss` (tokenizing, masking, padding-free rows, chunked loss), `train`,
+`evaluate` and `runs` (side by side: training, before/after, comparing runs), `export` (GGUF,
+Ollama), `plots`, `widgets` + `panels` (what the notebooks display), `pipeline` (the headless run
+behind `python -m lora_nb run`).
+
+The shared layers under them: `probes` (CUDA, bf16, packages, quantization backends, the hub, the
+session's memory: asked in one place), `run_folder` (the run folder's layout, locking, fingerprint),
+`adapters` (save, find, load, merge), `table`, `files`, `errors`, `host_memory` (freed memory back
+to small sessions) and `threads` (how the kit shares the CPU; applied here, first, so every entry
+point gets it).
 """
 
 from .threads import apply_thread_settings, thread_report

@@ -66,7 +66,7 @@ def test_stages_stand_side_by_side(stage):
 
 
 def test_shared_layers_import_no_stage():
-    for layer in ("run_folder", "adapters", "table", "probes", "files", "errors"):
+    for layer in ("run_folder", "adapters", "table", "probes", "host_memory", "files", "errors"):
         assert not _imports(layer) & {*STAGES, "plots", "pipeline"}, layer
 
 
