@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from lora_nb.data import load_examples, tokenize_examples
@@ -213,8 +214,13 @@ def test_demo_recipe_margins(demo_run):
 
 def test_logged_steps_print_numbers_as_numbers_and_the_eval_bar_is_labelled(tiny, tmp_path, capsys):
     model_dir, tokenizer, train_set, eval_set = tiny
-    train(fresh_model(model_dir), tokenizer, train_set, tiny_settings(model_dir, max_steps=2), tmp_path / "run",
-          eval_data=eval_set)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # transformers' default, which shows its bars (a benchmark run earlier may have set "error")
+    try:
+        train(fresh_model(model_dir), tokenizer, train_set, tiny_settings(model_dir, max_steps=2), tmp_path / "run",
+              eval_data=eval_set)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     printed = capsys.readouterr()
     assert "held-out loss: 100%" in printed.err
     lines = [line for line in printed.out.splitlines() if line.startswith("{'loss'")]
