@@ -13,6 +13,7 @@ folder:
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Callable
 from .arguments import check_run_arguments
 from .demo import DEMO_MODEL_ID
 from .demo_task import demo_data_paths
+from .errors import SettingsError
 from .formats import load_settings
 from .host_memory import release_memory, return_freed_memory_promptly
 from .loading import describe_model, load_model
@@ -30,6 +32,7 @@ from .run_folder import (ADAPTER_DIR, GENERATIONS_FILE, LOG_FILE, LOSS_PLOT_FILE
                          new_run_dir)
 
 DEFAULT_PRESET = "demo-cpu"
+REHEARSAL_VARIABLE = "LORA_NB_REHEARSAL_STEPS"  # set: notebooks train this many steps at most (a dry run)
 
 
 @dataclass
@@ -88,21 +91,38 @@ def configure(config: str | Path | None = None, preset: str = DEFAULT_PRESET, mo
     return settings
 
 
-def training_settings(root: str | Path = "runs", preset: str = DEFAULT_PRESET):
-    """Settings for a notebook's training run: `<root>/configured.yaml` (saved by 02_configure_lora) when
-    it exists, else the preset.
+def rehearsal_steps() -> int | None:
+    """The step limit of a teacher's rehearsal (`LORA_NB_REHEARSAL_STEPS`), or None for real runs.
 
-    Args:
-        root: The notebooks' runs folder.
-        preset: The preset used when nothing was saved.
+    A teacher checks a room's machines by running every notebook with training cut to a few steps
+    (`LORA_NB_REHEARSAL_STEPS=2 jupyter lab`); the test command runs the notebooks that way too.
+
+    Raises:
+        SettingsError: When the variable is set to anything but a whole number of at least 1.
+    """
+    value = os.environ.get(REHEARSAL_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise SettingsError(f"{REHEARSAL_VARIABLE} is {value!r}; it must be a whole number of steps, at least 1 "
+                            f"(e.g. 2), or unset for real training. Set it with `export {REHEARSAL_VARIABLE}=2` or "
+                            f"remove it with `unset {REHEARSAL_VARIABLE}`.")
+    return int(value)
+
+
+def rehearse(settings):
+    """`settings` with training cut to the rehearsal's steps (when `LORA_NB_REHEARSAL_STEPS` is set).
 
     Returns:
-        `(settings, source)`: the checked `KitSettings` and a phrase saying where they came from.
+        `(settings, steps_before)`: the settings (changed in place) and the configured step count
+        (`train.max_steps`; 0 when training by epochs), or `(settings, None)` when this is no rehearsal.
     """
-    saved = Path(root).expanduser() / "configured.yaml"
-    if saved.is_file():
-        return configure(saved), f"{saved} (saved by 02_configure_lora)"
-    return configure(preset=preset), f"the {preset!r} preset ({saved} does not exist)"
+    steps = rehearsal_steps()
+    if steps is None:
+        return settings, None
+    before = settings.train.max_steps
+    settings.train.max_steps = steps if before <= 0 else min(before, steps)
+    return settings, before
 
 
 def ensure_run(root: str | Path = "runs", preset: str = DEFAULT_PRESET, log: Callable[[str], None] = print) -> Path:
@@ -128,9 +148,10 @@ def ensure_run(root: str | Path = "runs", preset: str = DEFAULT_PRESET, log: Cal
     if found is not None:
         log(f"using the latest finished run: {found}")
         return found
-    settings = configure(preset=preset)
+    settings, before = rehearse(configure(preset=preset))
     out = new_run_dir(root, "quick")
-    log(f"no finished run under {root}: training one with the {preset!r} preset into {out}")
+    log(f"no finished run under {root}: training one with the {preset!r} preset into {out}"
+        + (f" (rehearsal: {settings.train.max_steps} of {before} steps)" if before is not None else ""))
     model, tokenizer = load_model(settings.model_name_or_path, settings.quant)
     train_path, heldout_path = demo_data_paths()
     result = train(model, tokenizer, train_path, settings, out, eval_data=heldout_path)
@@ -222,4 +243,4 @@ def run_pipeline(
     return PipelineResult(out, evaluation.metrics, result, seconds)
 
 
-__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "ensure_run", "run_pipeline", "training_settings"]
+__all__ = ["DEMO_MODEL_ID", "PipelineResult", "configure", "ensure_run", "rehearsal_steps", "rehearse", "run_pipeline"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import FORMATS
-from .pipeline import DEFAULT_PRESET, configure
+from .pipeline import DEFAULT_PRESET, REHEARSAL_VARIABLE, configure, rehearse
 from .probes import memory_limit
 from .run_folder import RUN_FILE
 from .settings import ALL_LINEAR, KitSettings
@@ -36,12 +36,14 @@ class TrainingChoice:
         path: The saved file, or None when the preset's defaults are used.
         saved_at: When the file was written (seconds since the epoch), or None.
         preset: The preset used when there is no saved file.
+        rehearsal_of: In a rehearsal (`LORA_NB_REHEARSAL_STEPS`), the configured steps that were cut.
     """
 
     settings: KitSettings
     path: Path | None
     saved_at: float | None
     preset: str
+    rehearsal_of: int | None = None
 
     def describe(self, now: float | None = None) -> str:
         """Two lines: where the settings come from (and when they were saved), then the main values."""
@@ -51,7 +53,12 @@ class TrainingChoice:
         else:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_at))
             head = f"Training with the settings saved at {stamp} ({_ago(self.saved_at, now)}) in {self.path}."
-        return head + "\n  " + settings_line(self.settings)
+        lines = [head, "  " + settings_line(self.settings)]
+        if self.rehearsal_of is not None:
+            configured = f"{self.rehearsal_of} steps" if self.rehearsal_of > 0 else "its epochs"
+            lines.append(f"  Rehearsal ({REHEARSAL_VARIABLE} is set): training is cut to {self.settings.train.max_steps} "
+                         f"steps instead of {configured}; unset {REHEARSAL_VARIABLE} to train for real.")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.describe()
@@ -68,7 +75,8 @@ def settings_line(settings: KitSettings) -> str:
 
 
 def training_choice(root: str | Path = "runs", preset: str = DEFAULT_PRESET) -> TrainingChoice:
-    """The settings ``03_train`` trains with: ``<root>/configured.yaml`` when saved, else the preset.
+    """The settings ``03_train`` trains with: ``<root>/configured.yaml`` when saved, else the preset,
+    with training cut short in a rehearsal (`pipeline.rehearsal_steps`).
 
     Args:
         root: The run folder root the configurator saved into.
@@ -78,12 +86,15 @@ def training_choice(root: str | Path = "runs", preset: str = DEFAULT_PRESET) -> 
         A :class:`TrainingChoice`; print it to show the learner what training uses.
 
     Raises:
-        ConfigFileError, SettingsError: When the saved file cannot be read or holds invalid settings.
+        ConfigFileError, SettingsError: When the saved file cannot be read or holds invalid settings, or
+            `LORA_NB_REHEARSAL_STEPS` is not a whole number of steps.
     """
     saved = Path(root).expanduser() / CONFIGURED
     if saved.is_file():
-        return TrainingChoice(configure(saved), saved, saved.stat().st_mtime, preset)
-    return TrainingChoice(configure(preset=preset), None, None, preset)
+        settings, before = rehearse(configure(saved))
+        return TrainingChoice(settings, saved, saved.stat().st_mtime, preset, before)
+    settings, before = rehearse(configure(preset=preset))
+    return TrainingChoice(settings, None, None, preset, before)
 
 
 def reset_workshop(root: str | Path = "runs", keep_runs: bool = False) -> list[Path]:

@@ -1,4 +1,6 @@
-"""Colab, for real: notebook 00's install cell in a fresh environment that has only torch, then notebooks 01-04.
+"""Colab, for real: notebook 00's install cell in a fresh environment that has only torch, then notebooks 01-04,
+with 03 (training) and 04 (evaluation) in kernels under Binder's 2 GB cap (`tests/memory_cap.py`), as a
+teacher's rehearsal (training cut to 2 steps, `LORA_NB_REHEARSAL_STEPS`).
 
 What Colab gives a notebook, rebuilt here:
 
@@ -26,9 +28,13 @@ from pathlib import Path
 
 import pytest
 
+from lora_nb.pipeline import REHEARSAL_VARIABLE
+from tests.memory_cap import CAP, Cap, memory_cap
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["00_environment.ipynb", "01_load_4bit.ipynb", "02_configure_lora.ipynb", "03_train.ipynb",
              "04_evaluate.ipynb"]
+CAPPED = ("03_train.ipynb", "04_evaluate.ipynb")  # the demo's training and evaluation, as on Binder
 
 pytestmark = pytest.mark.slow
 
@@ -90,13 +96,13 @@ def _wheel(tmp: Path) -> Path:
     return wheel
 
 
-def _kernel(tmp: Path, python: Path) -> Path:
-    """A kernelspec named "colab" that runs the fresh environment's python."""
-    spec = tmp / "jupyter" / "kernels" / "colab"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Colab-like", "language": "python"}))
+def _kernels(tmp: Path, python: Path, cap: Cap) -> Path:
+    """Kernelspecs "colab" (the fresh environment's python) and "colab-capped" (the same, under `cap`)."""
+    for name, argv in (("colab", [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]),
+                       ("colab-capped", cap.kernel_argv(python))):
+        spec = tmp / "jupyter" / "kernels" / name
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": name, "language": "python"}))
     return tmp / "jupyter"
 
 
@@ -109,23 +115,36 @@ def test_install_cell_then_notebooks_run_as_on_colab(tmp_path, monkeypatch):
                           cwd=tmp_path, check=True).stdout.split() == ["True", "True"]  # torch is there, the kit not
 
     monkeypatch.setenv("LORA_NB_SOURCE", str(_wheel(tmp_path)))
-    monkeypatch.setenv("JUPYTER_PATH", str(_kernel(tmp_path, python)))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv(REHEARSAL_VARIABLE, "2")  # a teacher's rehearsal, as nbval runs them (notebooks/conftest.py)
     work = tmp_path / "work" / "notebooks"  # ../runs of the notebooks lands in tmp_path/work/runs
     work.mkdir(parents=True)
-    for name in NOTEBOOKS:
-        notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
-        client = nbclient.NotebookClient(notebook, kernel_name="colab", timeout=1800,
-                                         resources={"metadata": {"path": str(work)}})
-        client.execute()
-        if name.startswith("00"):
-            outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
-                              for o in c.get("outputs", []))
-            assert "installed from " + str(os.environ["LORA_NB_SOURCE"]) in outputs
-            installed = subprocess.run([python, "-c", "import lora_nb; print(lora_nb.__file__)"], check=True,
-                                       capture_output=True, text=True, env={"PATH": os.environ["PATH"]},
-                                       cwd=tmp_path)
-            assert "colab-venv" in installed.stdout  # the wheel, installed by the cell, not the checkout
-    assert list((tmp_path / "work" / "runs").glob("train-*/adapter/adapter_model.safetensors"))
+    with memory_cap() as cap:
+        monkeypatch.setenv("JUPYTER_PATH", str(_kernels(tmp_path, python, cap)))
+        for name in NOTEBOOKS:
+            notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
+            client = nbclient.NotebookClient(notebook, kernel_name="colab-capped" if name in CAPPED else "colab",
+                                             timeout=1800, resources={"metadata": {"path": str(work)}})
+            client.execute()
+            if name.startswith("00"):
+                _check_installed(notebook, python, tmp_path)
+        peak = cap.peak()
+    runs = list((tmp_path / "work" / "runs").glob("train-*/run.json"))
+    assert len(runs) == 1 and json.loads(runs[0].read_text())["status"] == "finished"
+    assert (runs[0].parent / "adapter" / "adapter_model.safetensors").exists()
+    metrics = json.loads((runs[0].parent / "metrics.json").read_text())  # 04's evaluation
+    assert metrics["after"]["heldout_loss"] < metrics["before"]["heldout_loss"]
+    if peak is not None:
+        print(f"peak memory of notebooks 03 and 04 in their cgroup: {peak / 1e9:.2f} GB")
+        assert peak <= CAP
+
+
+def _check_installed(notebook, python: Path, tmp_path: Path) -> None:
+    """Notebook 00's install cell installed the kit from LORA_NB_SOURCE into the fresh environment."""
+    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "installed from " + str(os.environ["LORA_NB_SOURCE"]) in outputs
+    installed = subprocess.run([python, "-c", "import lora_nb; print(lora_nb.__file__)"], check=True,
+                               capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, cwd=tmp_path)
+    assert "colab-venv" in installed.stdout  # the wheel, installed by the cell, not the checkout

@@ -93,12 +93,15 @@ def test_f32_round_trip_is_exact(exported, prompts):
 
 def test_round_trip_keeps_logits_tokens_template_and_end_of_turn(exported, prompts):
     files = [exported.gguf_files["f16"], exported.gguf_files["q8_0"]]
-    for result, bound in zip(check_round_trips(exported.merged_dir, files, prompts, max_new_tokens=12),
-                             (F16_BOUND, Q8_BOUND)):
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    results = check_round_trips(exported.merged_dir, files, prompts, max_new_tokens=12)
+    for result, bound in zip(results, (F16_BOUND, Q8_BOUND)):
         assert 0 < result.max_logit_difference < bound
         assert result.token_agreement >= 0.99 and result.answer_tokens >= len(prompts)
         assert result.chat_template_same and result.prompts_tokenized_same == 1.0
         assert result.end_of_turn == "<|im_end|>" and result.end_of_turn_same
+    assert results[0].max_logit_difference != results[1].max_logit_difference  # each file read for itself
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)  # put back after the check
 
 
 def test_merged_model_differs_from_base(exported, tiny_model_dir, prompts):

@@ -21,7 +21,7 @@ def test_readme_has_api_examples():
 def test_readme_block_runs(index, tmp_path, monkeypatch):
     code = BLOCKS[index]
     if "run_pipeline(" in code:
-        pytest.skip("the full pipeline on the demo model is run by tests/test_train.py::test_demo_recipe_margins")
+        pytest.skip("the full pipeline on the demo model is run by tests/test_memory.py::test_demo_recipe_margins")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     printed = io.StringIO()

@@ -29,7 +29,6 @@ from lora_nb.errors import ConfigFileError, DataError, RunFolderError, SettingsE
 from lora_nb.files import write_text_atomic
 from lora_nb.formats import load_settings, save_settings
 from lora_nb.pipeline import configure
-from lora_nb.presets import get_preset
 from lora_nb.run_folder import RunFolder
 from lora_nb.settings import KitSettings, LoraSettings, TrainSettings
 from lora_nb.train import _with_adapter, train
@@ -688,15 +687,5 @@ def test_notebook_training_cell_run_twice_on_the_tiny_model(tiny_model_dir, tmp_
     save_settings(settings, tmp_path / "runs" / "configured.yaml")
     first, second = _train_notebook_run_twice(tmp_path, monkeypatch)
     assert [s for s, _ in first] == [1, 2, 3] and first == second  # the second run started from the same base
-
-
-@pytest.mark.slow
-def test_notebook_training_cell_run_twice_gives_two_valid_runs(tmp_path, monkeypatch):
-    """The same with the demo model and the demo-cpu preset as 02 saves it, cut to 4 of its 12 steps (suite time)."""
-    settings = get_preset("demo-cpu")
-    settings.train.max_steps = 4
-    save_settings(settings, tmp_path / "runs" / "configured.yaml")
-    first, second = _train_notebook_run_twice(tmp_path, monkeypatch)
-    assert len(first) == 4 and first == second
-    for run in (tmp_path / "runs").glob("train-*"):
-        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    for run in (tmp_path / "runs").glob("train-*"):  # each adapter is the configured one, not one stacked on another
+        assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == settings.lora.r

@@ -1,4 +1,4 @@
-"""Training with Trainer on the tiny model: losses, run folder, resume, interruption; demo margins (slow)."""
+"""Training with Trainer on the tiny model: losses, run folder, resume, interruption (the demo's margins: test_memory)."""
 
 from __future__ import annotations
 
@@ -191,25 +191,6 @@ def test_notebook_progress_bar_has_its_widget():
     bar = notebook_tqdm(total=2, display=False)
     bar.update(2)
     bar.close()
-
-
-# ------------------------------------------------------------------------------ demo model (slow)
-@pytest.fixture(scope="module")
-def demo_run(demo_model_dir, tmp_path_factory):
-    """The main job (`python -m lora_nb run`) on the demo model: train the demo-cpu recipe, evaluate before/after."""
-    from lora_nb.pipeline import run_pipeline
-
-    return run_pipeline(model=demo_model_dir, out=tmp_path_factory.mktemp("demo") / "run", limit=16, log=print)
-
-
-@pytest.mark.slow
-def test_demo_recipe_margins(demo_run):
-    before, after = demo_run.metrics["before"], demo_run.metrics["after"]
-    assert demo_run.metrics["n_examples"] == 16 and demo_run.train.global_step == 12
-    assert after["heldout_loss"] < 0.5 * before["heldout_loss"]
-    assert before["exact_match"] <= 0.1
-    assert after["exact_match"] >= 0.6 and after["exact_match"] >= before["exact_match"] + 0.4
-    assert after["valid_json"] >= 0.9
 
 
 def test_logged_steps_print_numbers_as_numbers_and_the_eval_bar_is_labelled(tiny, tmp_path, capsys):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from transformers import AutoModelForCausalLM
 
+from lora_nb.errors import SettingsError
+from lora_nb.pipeline import REHEARSAL_VARIABLE, ensure_run
 from lora_nb.widgets import LoraConfigurator
 from lora_nb.workshop import reset_workshop, training_choice
 
@@ -31,6 +34,45 @@ def test_the_saved_choice_is_what_training_prints(tiny_model_dir, tmp_path):
     assert "saved at " + time.strftime("%Y-%m-%d %H:%M", time.localtime(choice.saved_at)) in text
     assert "(90 s ago)" in text
     assert "r 32, lora_alpha 32, targets q_proj+v_proj" in text and "learning rate 0.0002" in text
+
+
+def test_a_rehearsal_cuts_training_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv(REHEARSAL_VARIABLE, "2")
+    choice = training_choice(tmp_path)
+    assert choice.settings.train.max_steps == 2 and choice.rehearsal_of == 12
+    assert f"Rehearsal ({REHEARSAL_VARIABLE} is set): training is cut to 2 steps instead of 12 steps" in str(choice)
+    assert "2 steps, batch 8" in str(choice)
+    monkeypatch.setenv(REHEARSAL_VARIABLE, "50")  # never more steps than configured
+    assert training_choice(tmp_path).settings.train.max_steps == 12
+    monkeypatch.delenv(REHEARSAL_VARIABLE)
+    assert training_choice(tmp_path).rehearsal_of is None and "Rehearsal" not in str(training_choice(tmp_path))
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_a_rehearsal_with_a_bad_step_count_says_what_is_allowed(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(REHEARSAL_VARIABLE, value)
+    with pytest.raises(SettingsError, match=rf"{REHEARSAL_VARIABLE} is '{value}'; it must be a whole number of steps, "
+                                            rf"at least 1 \(e\.g\. 2\), or unset for real training"):
+        training_choice(tmp_path)
+
+
+def test_a_rehearsal_run_for_evaluation_trains_the_cut_steps(tiny_model_dir, tmp_path, monkeypatch):
+    """04 and 06 train a run themselves when 03 made none: in a rehearsal, only the cut steps."""
+    import lora_nb.pipeline as pipeline
+    from lora_nb.presets import get_preset
+
+    def tiny_preset(name):
+        settings = get_preset(name)
+        settings.model_name_or_path = tiny_model_dir
+        settings.train.per_device_train_batch_size = 2
+        return settings
+
+    monkeypatch.setattr(pipeline, "get_preset", tiny_preset)
+    monkeypatch.setenv(REHEARSAL_VARIABLE, "1")
+    lines = []
+    run = ensure_run(tmp_path, log=lines.append)
+    assert json.loads((run / "run.json").read_text())["global_step"] == 1
+    assert "(rehearsal: 1 of 12 steps)" in lines[0]
 
 
 def test_reset_removes_saved_settings_and_runs(tmp_path):

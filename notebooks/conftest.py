@@ -1,0 +1,36 @@
+"""nbval runs the notebooks here as a teacher's rehearsal: training cut to 2 steps.
+
+`LORA_NB_REHEARSAL_STEPS` (see `lora_nb.pipeline.rehearsal_steps`) is set while a notebook's cells
+run, so the kernel nbval starts for the notebook inherits it; tests outside this folder never see it.
+The demo's full 12 steps, and the before/after margins they reach, are tested once, by
+`tests/test_memory.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lora_nb.pipeline import REHEARSAL_VARIABLE
+
+STEPS = "2"
+_before: list[str | None] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before nbval starts a notebook's kernel (in its first cell's setup): set the rehearsal."""
+    if not _before:
+        _before.append(os.environ.get(REHEARSAL_VARIABLE))
+        os.environ[REHEARSAL_VARIABLE] = _before[0] or STEPS
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After the last notebook cell of a run of cells: put the variable back as it was."""
+    if _before and (nextitem is None or nextitem.path.parent != item.path.parent):
+        previous = _before.pop()
+        if previous is None:
+            os.environ.pop(REHEARSAL_VARIABLE, None)
+        else:
+            os.environ[REHEARSAL_VARIABLE] = previous
