@@ -170,15 +170,22 @@ class CountingCollator:
         return batch
 
 
-def recipe_trainer(model, tokenizer, dataset, steps: int, batch_size: int, seed: int, run_dir: Path):
-    """The recipe's Trainer: TrainingArguments by hand, `DataCollatorForSeq2Seq` (labels padded with -100).
+def recipe_collator(tokenizer):
+    """The recipe's collator: `DataCollatorForSeq2Seq`, padding to the longest, labels padded with -100.
 
     Not `DataCollatorForLanguageModeling`: it labels every pad-id token -100, and where the pad token
     is the end-of-turn token (SmolLM2, and any model given `pad_token = eos_token`) the model then
     never learns to end a turn. alpaca-lora's recipe (labels = input ids, `DataCollatorForSeq2Seq`)
     learns every token, as the kit does, so both arms optimize the same objective.
     """
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True)
+
+
+def recipe_trainer(model, tokenizer, dataset, steps: int, batch_size: int, seed: int, run_dir: Path):
+    """The recipe's Trainer: TrainingArguments by hand, `recipe_collator`."""
+    from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=str(run_dir), per_device_train_batch_size=batch_size, max_steps=steps,
@@ -186,7 +193,7 @@ def recipe_trainer(model, tokenizer, dataset, steps: int, batch_size: int, seed:
         optim="adamw_torch", seed=seed, data_seed=seed, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
-    collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True))
+    collator = CountingCollator(recipe_collator(tokenizer))
     return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator), collator, None
 
 

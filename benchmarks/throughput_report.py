@@ -195,9 +195,8 @@ def render_markdown(r: dict) -> str:
         "- Held-out loss: mean token loss of held-out chats of the same length range, computed alone (unpadded), on "
         "every token (both arms learn every token). The pad=eos trap: with `DataCollatorForLanguageModeling` (the "
         "other recipe people copy) every pad-id token is labelled -100, and SmolLM2's pad token is its end-of-turn "
-        "token, so that recipe never learns to end a turn; compared on the tokens it does learn, the kit (which "
-        "spends part of each update on end-of-turn tokens) sat 1.4% above it (3 of 3 seeds, 6-step runs). The "
-        "column 'without end-of-turn' shows that measure for the arms here.",
+        "token, so that recipe never learns to end a turn, and a held-out loss on the tokens it learns leaves "
+        "out what the kit spends part of each update on. The column 'without end-of-turn' gives that measure.",
         "- `packed = alone` and `padded = alone`: per-example loss of the held-out chats in one padding-free row (the "
         f"kit's attention) or one padded batch vs alone, before training; tolerance {PADDING_TOLERANCE:g}.",
         "- Timings come from a shared CPU: the arms alternate step by step so that each sees the same load; compare "
