@@ -153,10 +153,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="only merge the report.json of these folders (parts run side by side) into --out")
+    p.add_argument("--note", action="append", default=[], help="with --merge: a note for the merged report (repeatable)")
     a = p.parse_args(argv)
     if a.merge:
         report = merge_reports([json.loads((Path(d) / "report.json").read_text()) for d in a.merge],
-                               command="python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                               command="python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                               notes=a.note)
         write_report(report, Path(a.out))
         print(render_markdown(report))
         return report

@@ -201,6 +201,7 @@ def render_markdown(r: dict) -> str:
         f"kit's attention) or one padded batch vs alone, before training; tolerance {PADDING_TOLERANCE:g}.",
         "- Timings come from a shared CPU: the arms alternate step by step so that each sees the same load; compare "
         "ratios, not absolute speeds.",
+        *[f"- {note}" for note in r.get("notes", [])],
         "", "![throughput](throughput.png)", "",
         f"Reproduce: `{r['command']}`", "",
     ]
@@ -210,7 +211,7 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def merge_reports(reports: list[dict], command: str = "") -> dict:
+def merge_reports(reports: list[dict], command: str = "", notes: list[str] | None = None) -> dict:
     """One report from several partial ones (e.g. one process per seed, run side by side).
 
     Runs are pooled per data set (ordered by seed), the memory rows taken from whichever report has
@@ -243,5 +244,6 @@ def merge_reports(reports: list[dict], command: str = "") -> dict:
     merged["wall_seconds"] = max(r["wall_seconds"] for r in reports)
     merged["load_average"] = max((r["load_average"] for r in reports), key=lambda x: x[0])
     merged["command"] = command or " && ".join(merged["parts"])
+    merged["notes"] = list(notes or [])  # what the parts cannot say themselves (e.g. a part measured on older code)
     merged["acceptance"] = acceptance(merged)
     return merged

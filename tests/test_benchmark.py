@@ -120,5 +120,6 @@ def test_merge_parts_run_side_by_side(report, tmp_path):
     text = render_markdown(merged)
     assert "- `part b`" in text and "then `merge`" in text and "**Partial:** 2 of the 3 seeds" in text
     assert "**Short runs:** 2 optimizer steps" in text
-    one = merge_reports(parts[:1])
+    one = merge_reports(parts[:1], notes=["The memory part ran on older code."])
     assert "of 1 seed(s) run" in render_markdown(one)
+    assert "- The memory part ran on older code." in render_markdown(one)
