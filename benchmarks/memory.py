@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.models import model_folder  # noqa: E402
 RESULTS_DIR = Path(__file__).parent / "results"
 RAW_FILE = "memory_raw.json"
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, pinned: larger blocks are mmapped and unmapped on free
@@ -78,17 +81,6 @@ def point_settings(point: dict, model_path: str = ""):
                             precision=point["precision"], gradient_checkpointing=point["checkpointing"],
                             optim=point["optim"], save_steps=None, logging_steps=1, learning_rate=1e-3,
                             group_by_length=False, train_on_responses_only=False))
-
-
-def model_folder(name: str, workdir: Path) -> str:
-    """`demo` (SmolLM2-135M-Instruct), `tiny` (a random 2-layer Llama) or a model folder."""
-    from lora_nb.demo import build_tiny_model, demo_model_path
-
-    if name == "demo":
-        return str(demo_model_path())
-    if name == "tiny":
-        return str(build_tiny_model(workdir / "tiny-model"))
-    return name
 
 
 # --------------------------------------------------------------------------------------------- child

@@ -2,9 +2,9 @@
 
 Same model, same synthetic chats, same initial adapter, same optimizer steps, two arms:
 
-- `recipe`: the plain recipe (reference/llama2-qlora-walkthrough.md): `get_peft_model` + `Trainer` +
-  `DataCollatorForLanguageModeling(mlm=False)` over chats tokenized with truncation, random order,
-  each batch padded to its longest example (dynamic padding), the model's own loss;
+- `recipe`: the plain recipe (reference/llama2-qlora-walkthrough.md, alpaca-lora): `get_peft_model` +
+  `Trainer` + `DataCollatorForSeq2Seq` over chats tokenized with truncation, labels = input ids, random
+  order, each batch padded to its longest example (dynamic padding), the model's own loss;
 - `kit`: what `lora_nb.train.train` builds: `KitSettings.to_peft` / `to_training_args`,
   `data.tokenize_examples`, and `batching.plan_batches` + `KitTrainer`: padding-free rows with
   per-example attention, the loss through the output head in chunks, every label token of a step
@@ -14,7 +14,7 @@ Per data set (`mixed`: 20-400 tokens; `long_tail`: the same plus a few chats of 
 per seed (the seed draws the chats, the adapter's initial weights and the batch order; both arms
 share all three), the two arms train in threads that take turns step by step, so that both see the
 same machine load. Reported per arm: real (non-padding) tokens/s, seconds per step, held-out loss
-(mean token loss of held-out chats on the tokens both arms learn), and their spread over seeds.
+(mean token loss of held-out chats on every token; also without end-of-turn tokens), and their spread over seeds.
 Peak memory is measured per arm in a fresh process (batch 8, the longest batches of the data set,
 512-token cut), as the process's peak RSS. The torch/OpenMP thread settings are reported.
 
@@ -41,15 +41,14 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.throughput_arms import *  # noqa: E402,F401,F403 - the arms' names, for callers and tests
+from benchmarks.models import model_folder  # noqa: E402
 from benchmarks.throughput_arms import (  # noqa: E402
-    ARMS, LONG_MAX_LENGTH, MAX_LENGTH, PADDING_TOLERANCE, RESULTS_DIR, _tokenizer, model_path)
-from benchmarks.throughput_measure import (  # noqa: E402,F401
-    ArmResult, TurnTaker, _one_malloc_arena, measure_memory, memory_child, per_example_losses, race, run_once,
-    thread_settings)
-from benchmarks.throughput_report import (  # noqa: E402,F401
-    acceptance, merge_reports, render_markdown, summarize, write_report)
+    ARMS, LONG_MAX_LENGTH, MAX_LENGTH, PADDING_TOLERANCE, RESULTS_DIR, _tokenizer, make_data_set)
+from benchmarks.throughput_measure import (  # noqa: E402
+    TurnTaker, _one_malloc_arena, measure_memory, memory_child, run_once, thread_settings)
+from benchmarks.throughput_report import acceptance, merge_reports, render_markdown, summarize, write_report  # noqa: E402
 
+__all__ = ["PADDING_TOLERANCE", "TurnTaker", "main", "make_data_set", "run_benchmark"]  # what tests and callers use
 
 def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2), batch_size: int = 8,
                   min_len: int = 20, max_len: int = 400, heldout: int = 8, threads: int | None = None,
@@ -90,7 +89,7 @@ def run_benchmark(model: str = "demo", steps: int = 20, seeds: tuple[int, ...] =
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     work = Path(workdir or tmp.name)
-    path = model_path(model, work)
+    path = model_folder(model, work)
     tokenizer = _tokenizer(path)
     data_sets = {"mixed": {"description": f"chats of {min_len}-{max_len} tokens", "min_len": min_len,
                            "max_len": max_len, "n_long": 0, "max_length": max_length, "seeds": list(seeds),
@@ -154,17 +153,19 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="only merge the report.json of these folders (parts run side by side) into --out")
+    p.add_argument("--note", action="append", default=[], help="with --merge: a note for the merged report (repeatable)")
     a = p.parse_args(argv)
     if a.merge:
         report = merge_reports([json.loads((Path(d) / "report.json").read_text()) for d in a.merge],
-                               command="python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                               command="python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                               notes=a.note)
         write_report(report, Path(a.out))
         print(render_markdown(report))
         return report
     if a.memory_child:
         if a.threads:
             torch.set_num_threads(a.threads)
-        row = memory_child(a.memory_child, model_path(a.model, Path(tempfile.mkdtemp())), a.memory_steps,
+        row = memory_child(a.memory_child, model_folder(a.model, Path(tempfile.mkdtemp())), a.memory_steps,
                            a.batch_size, a.max_length)
         print(json.dumps(row))
         return row

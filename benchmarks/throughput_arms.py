@@ -72,12 +72,13 @@ def make_examples(tokenizer, n: int, min_len: int = 20, max_len: int = 400, seed
 
 
 def recipe_dataset(chats, tokenizer, max_length: int = MAX_LENGTH):
-    """The recipe's data: rendered chat text, `tokenizer(text, truncation=True)`."""
+    """The recipe's data: rendered chat text, `tokenizer(text, truncation=True)`, labels = input ids (alpaca-lora)."""
     import datasets
 
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
     enc = tokenizer(texts, truncation=True, max_length=max_length)
-    return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                       "labels": [list(x) for x in enc["input_ids"]]})
 
 
 def kit_dataset(chats, tokenizer, train_on_responses_only: bool = False, max_length: int = MAX_LENGTH):
@@ -97,17 +98,6 @@ def make_data_set(tokenizer, n: int, min_len: int, max_len: int, n_long: int, se
         chats += make_examples(tokenizer, n_long, 1000, 1400, seed=seed + 1000)
         random.Random(seed).shuffle(chats)
     return chats
-
-
-def model_path(name: str, workdir: Path) -> str:
-    """`demo` (SmolLM2-135M-Instruct, local copy) or `tiny` (random 2-layer Llama) or a folder."""
-    from lora_nb.demo import build_tiny_model, demo_model_path
-
-    if name == "demo":
-        return str(demo_model_path())
-    if name == "tiny":
-        return str(build_tiny_model(workdir / "tiny-model"))
-    return name
 
 
 def kit_settings(path: str, steps: int, batch_size: int, seed: int, max_length: int = MAX_LENGTH):
@@ -180,9 +170,22 @@ class CountingCollator:
         return batch
 
 
+def recipe_collator(tokenizer):
+    """The recipe's collator: `DataCollatorForSeq2Seq`, padding to the longest, labels padded with -100.
+
+    Not `DataCollatorForLanguageModeling`: it labels every pad-id token -100, and where the pad token
+    is the end-of-turn token (SmolLM2, and any model given `pad_token = eos_token`) the model then
+    never learns to end a turn. alpaca-lora's recipe (labels = input ids, `DataCollatorForSeq2Seq`)
+    learns every token, as the kit does, so both arms optimize the same objective.
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True)
+
+
 def recipe_trainer(model, tokenizer, dataset, steps: int, batch_size: int, seed: int, run_dir: Path):
-    """The recipe's Trainer: TrainingArguments by hand, `DataCollatorForLanguageModeling`."""
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    """The recipe's Trainer: TrainingArguments by hand, `recipe_collator`."""
+    from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=str(run_dir), per_device_train_batch_size=batch_size, max_steps=steps,
@@ -190,7 +193,7 @@ def recipe_trainer(model, tokenizer, dataset, steps: int, batch_size: int, seed:
         optim="adamw_torch", seed=seed, data_seed=seed, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
-    collator = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    collator = CountingCollator(recipe_collator(tokenizer))
     return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator), collator, None
 
 

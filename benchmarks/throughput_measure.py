@@ -94,6 +94,7 @@ class ArmResult:
     step_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     heldout_loss: float | None = None
+    heldout_loss_without_end: float | None = None  # the same chats, end-of-turn tokens not counted
 
     @property
     def real_tokens_per_s(self) -> float:
@@ -200,11 +201,15 @@ def per_example_losses(model, input_ids: list[list[int]], labels: list[list[int]
     return losses
 
 
-def heldout_labels(dataset, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """Held-out ids, and labels on the tokens both arms learn (the recipe's collator skips pad-id tokens)."""
+def heldout_labels(dataset, tokenizer) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Held-out ids, their labels (every token: what both arms learn), and the labels without end-of-turn tokens.
+
+    The last is what a `DataCollatorForLanguageModeling` recipe learns when the pad token is the
+    end-of-turn token (it labels every pad-id token -100): reported beside, for that comparison.
+    """
     pad = tokenizer.pad_token_id
     ids = [list(x) for x in dataset["input_ids"]]
-    return ids, [[t if t != pad else -100 for t in x] for x in ids]
+    return ids, [list(x) for x in ids], [[t if t != pad else -100 for t in x] for x in ids]
 
 
 # ------------------------------------------------------------------------------------------ a run
@@ -224,7 +229,7 @@ def run_once(path: str, tokenizer, data_set: dict, seed: int, steps: int, batch_
     identical_start = same_adapters(models["recipe"], models["kit"])
 
     held_set = kit_dataset(held, tokenizer, max_length=max_length)
-    held_ids, held_labels = heldout_labels(held_set, tokenizer)
+    held_ids, held_labels, held_without_end = heldout_labels(held_set, tokenizer)
     alone = per_example_losses(models["kit"], held_ids, held_labels, "alone")
     checks = {"padded_rel": max(abs(a - b) / abs(a) for a, b in
                                 zip(alone, per_example_losses(models["recipe"], held_ids, held_labels, "padded"))),
@@ -253,6 +258,8 @@ def run_once(path: str, tokenizer, data_set: dict, seed: int, steps: int, batch_
     for name in ARMS:
         losses = per_example_losses(models[name], held_ids, held_labels, "alone")
         results[name].heldout_loss = sum(losses) / len(losses)
+        losses = per_example_losses(models[name], held_ids, held_without_end, "alone")
+        results[name].heldout_loss_without_end = sum(losses) / len(losses)
     lengths = list(data["kit"]["length"])
     return {"seed": seed, "identical_start": identical_start, "heldout_before": sum(alone) / len(alone),
             "checks": checks, "plan": {"padding_free": plan.padding_free, "chunked_loss": plan.chunked_loss,

@@ -31,6 +31,12 @@ def summarize(runs: list[dict]) -> dict:
     out["heldout_rel_per_seed"] = rel
     out["heldout_rel_mean"] = (out["kit"]["heldout_loss"] - out["recipe"]["heldout_loss"]) / out["recipe"]["heldout_loss"]
     out["heldout_kit_above"] = sum(x > 0 for x in rel)
+    out["heldout_without_end_rel_per_seed"] = [
+        (r["arms"]["kit"]["heldout_loss_without_end"] - r["arms"]["recipe"]["heldout_loss_without_end"])
+        / r["arms"]["recipe"]["heldout_loss_without_end"] for r in runs]
+    positions = {arm: sum(r["arms"][arm]["padded_tokens"] for r in runs) / sum(r["arms"][arm]["seconds"] for r in runs)
+                 for arm in ARMS}
+    out["position_ratio"] = positions["kit"] / positions["recipe"]  # per position computed, padding included
     return out
 
 
@@ -54,7 +60,7 @@ def acceptance(report: dict) -> dict:
 
 
 CSV_FIELDS = ["data_set", "seed", "arm", "steps", "real_tokens", "padded_tokens", "padding_efficiency", "seconds_per_step",
-              "real_tokens_per_s", "heldout_loss"]
+              "real_tokens_per_s", "heldout_loss", "heldout_loss_without_end"]
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -114,8 +120,8 @@ def render_markdown(r: dict) -> str:
         f"OMP_WAIT_POLICY={th['OMP_WAIT_POLICY']}. Load average at the end "
         f"{', '.join(f'{x:.1f}' for x in r['load_average'])} (a shared machine). Wall time {r['wall_seconds']:.0f} s.",
         "",
-        "Arms: **recipe** = `Trainer` + `DataCollatorForLanguageModeling`, random batches padded to their longest, the "
-        "model's own loss; **kit** = `lora_nb.train`'s path: padding-free rows (one row per batch, `position_ids` "
+        "Arms: **recipe** = alpaca-lora's recipe: `Trainer` + `DataCollatorForSeq2Seq` with labels = input ids "
+        "(padding labelled -100), random batches padded to their longest, the model's own loss; **kit** = `lora_nb.train`'s path: padding-free rows (one row per batch, `position_ids` "
         "restarting per example, attention per example), the loss through the output head in chunks, every label "
         "token of a step weighing the same. Both arms of a run share the chats, the initial adapter and the batch "
         "order, and take optimizer steps in turn so that both see the same machine load.",
@@ -162,14 +168,18 @@ def render_markdown(r: dict) -> str:
                          f"{a['seconds_per_step']:.2f} | {a['padding_efficiency']:.0%} | {a['heldout_loss']:.4f} "
                          f"({a['heldout_loss_min']:.4f}-{a['heldout_loss_max']:.4f}, {a['heldout_loss_sd']:.4f}) |")
         lines += ["", "| seed | kit / recipe real tokens/s | held-out recipe | held-out kit | kit vs recipe | "
-                      "packed = alone (max rel diff) | padded = alone | same start |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for run, ratio, rel in zip(ds["runs"], s["ratio_per_seed"], s["heldout_rel_per_seed"]):
+                      "kit vs recipe without end-of-turn | packed = alone (max rel diff) | padded = alone | same start |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for run, ratio, rel, rel_text in zip(ds["runs"], s["ratio_per_seed"], s["heldout_rel_per_seed"],
+                                             s["heldout_without_end_rel_per_seed"]):
             lines.append(f"| {run['seed']} | {ratio:.2f}x | {run['arms']['recipe']['heldout_loss']:.4f} | "
-                         f"{run['arms']['kit']['heldout_loss']:.4f} | {rel:+.2%} | {run['checks']['packed_rel']:.1e} | "
-                         f"{run['checks']['padded_rel']:.1e} | {run['identical_start']} |")
+                         f"{run['arms']['kit']['heldout_loss']:.4f} | {rel:+.2%} | {rel_text:+.2%} | "
+                         f"{run['checks']['packed_rel']:.1e} | {run['checks']['padded_rel']:.1e} | {run['identical_start']} |")
+        share = s["recipe"]["padding_efficiency"]
         lines += ["", f"**Kit / recipe real-token throughput on {name}: {s['ratio']:.2f}x** (held-out loss before "
-                      f"training {first['heldout_before']:.3f})."]
+                      f"training {first['heldout_before']:.3f}). It splits into the padding the kit drops (the recipe's "
+                      f"real share {share:.0%}: at most {1 / share:.2f}x at equal cost per position) and the cost per "
+                      f"position: the kit computes {s['position_ratio']:.2f}x the recipe's positions per second."]
     if r["memory"]:
         lines += ["", "## Peak memory", "",
                   f"Each arm in a fresh process: {r['memory'][0]['steps']} training steps of batch "
@@ -183,12 +193,15 @@ def render_markdown(r: dict) -> str:
     lines += [
         "", "## Notes", "",
         "- Held-out loss: mean token loss of held-out chats of the same length range, computed alone (unpadded), on "
-        "the tokens both arms learn: the recipe's collator labels every pad-id token -100, and the pad token is the "
-        "end-of-turn token, so the recipe never learns to end a turn; the kit does.",
+        "every token (both arms learn every token). The pad=eos trap: with `DataCollatorForLanguageModeling` (the "
+        "other recipe people copy) every pad-id token is labelled -100, and SmolLM2's pad token is its end-of-turn "
+        "token, so that recipe never learns to end a turn, and a held-out loss on the tokens it learns leaves "
+        "out what the kit spends part of each update on. The column 'without end-of-turn' gives that measure.",
         "- `packed = alone` and `padded = alone`: per-example loss of the held-out chats in one padding-free row (the "
         f"kit's attention) or one padded batch vs alone, before training; tolerance {PADDING_TOLERANCE:g}.",
         "- Timings come from a shared CPU: the arms alternate step by step so that each sees the same load; compare "
         "ratios, not absolute speeds.",
+        *[f"- {note}" for note in r.get("notes", [])],
         "", "![throughput](throughput.png)", "",
         f"Reproduce: `{r['command']}`", "",
     ]
@@ -198,7 +211,7 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def merge_reports(reports: list[dict], command: str = "") -> dict:
+def merge_reports(reports: list[dict], command: str = "", notes: list[str] | None = None) -> dict:
     """One report from several partial ones (e.g. one process per seed, run side by side).
 
     Runs are pooled per data set (ordered by seed), the memory rows taken from whichever report has
@@ -231,5 +244,6 @@ def merge_reports(reports: list[dict], command: str = "") -> dict:
     merged["wall_seconds"] = max(r["wall_seconds"] for r in reports)
     merged["load_average"] = max((r["load_average"] for r in reports), key=lambda x: x[0])
     merged["command"] = command or " && ".join(merged["parts"])
+    merged["notes"] = list(notes or [])  # what the parts cannot say themselves (e.g. a part measured on older code)
     merged["acceptance"] = acceptance(merged)
     return merged

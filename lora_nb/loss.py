@@ -29,7 +29,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 16 * 2**20  # fp32 scores of one chunk: 16 MiB (about 85 rows of a 49k vocabulary); they add to the peak
+CHUNK_BYTES = 64 * 2**20  # fp32 scores of one chunk: 64 MiB (341 rows of a 49k vocabulary); they add to the peak.
+# Smaller chunks re-read the head weight per chunk: at 85 rows the head took 1.7x the time of 341 rows (CPU).
 MIN_CHUNK_ROWS = 16
 
 
@@ -101,10 +102,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         for start in range(0, rows.shape[0], chunk):
             part, target = rows[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(part, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the scores
+            scores = F.linear(part, weight, bias).float()
+            picked = scores.gather(1, target[:, None])
+            top = scores.amax(dim=1, keepdim=True)
+            grad = scores.sub_(top).exp_()  # in place: one [chunk x vocab] tensor, no temporaries
+            sums = grad.sum(dim=1, keepdim=True)
+            total += (top + sums.log() - picked).sum()  # logsumexp - target score, per row
+            grad.div_(sums)  # softmax = d loss / d scores, less the one-hot below
             grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
             if grad_rows is not None:
                 grad_rows[start:start + chunk] = grad.to(weight.dtype) @ weight

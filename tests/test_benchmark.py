@@ -32,7 +32,7 @@ def test_ratio_and_losses(report):
         for arm in arms.values():
             assert len(arm["losses"]) == arm["steps"] == len(arm["step_seconds"]) == 2
             assert all(math.isfinite(x) for x in arm["losses"]) and arm["seconds"] > 0
-            assert math.isfinite(arm["heldout_loss"])
+            assert math.isfinite(arm["heldout_loss"]) and math.isfinite(arm["heldout_loss_without_end"])
         assert run["checks"]["packed_rel"] <= bench.PADDING_TOLERANCE
         assert run["checks"]["padded_rel"] <= bench.PADDING_TOLERANCE
         assert run["plan"] == {"padding_free": True, "chunked_loss": True, "notes": []}
@@ -54,6 +54,23 @@ def test_real_tokens_match_a_hand_count(report, tiny_model_dir):
     assert arms["kit"]["real_tokens"] == sum(run["kit_lengths"]) == sum(by_hand) - len(by_hand)
     assert arms["kit"]["padded_tokens"] == arms["kit"]["real_tokens"]  # padding-free
     assert arms["recipe"]["padded_tokens"] > arms["recipe"]["real_tokens"]
+
+
+def test_recipe_learns_every_token_and_ignores_padding(tiny_model_dir):
+    """The recipe arm labels the end-of-turn token even where it is the pad token (the pad=eos trap)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.throughput_arms import recipe_collator, recipe_dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token  # as the recipe does; the trap when eos ends each turn
+    chats = bench.make_data_set(tok, 2, 20, 60, 0, seed=0)
+    data = recipe_dataset(chats, tok)
+    batch = recipe_collator(tok)([data[0], data[1]])
+    real = batch["attention_mask"].bool()
+    assert (batch["labels"][real] == batch["input_ids"][real]).all()  # every real token, eos included
+    assert (batch["labels"] == tok.eos_token_id).sum() == (batch["input_ids"][real] == tok.eos_token_id).sum() > 0
+    assert (batch["labels"][~real] == -100).all() and (~real).any()  # padding only is skipped
 
 
 def test_files_written(report):
@@ -103,5 +120,6 @@ def test_merge_parts_run_side_by_side(report, tmp_path):
     text = render_markdown(merged)
     assert "- `part b`" in text and "then `merge`" in text and "**Partial:** 2 of the 3 seeds" in text
     assert "**Short runs:** 2 optimizer steps" in text
-    one = merge_reports(parts[:1])
+    one = merge_reports(parts[:1], notes=["The memory part ran on older code."])
     assert "of 1 seed(s) run" in render_markdown(one)
+    assert "- The memory part ran on older code." in render_markdown(one)

@@ -54,8 +54,8 @@ def test_no_labelled_token_gives_zero_with_a_graph():
 
 
 def test_chunk_rows_bounds_the_scores_held_at_once():
-    assert chunk_rows(49152) == 85  # 16 MiB of fp32 scores
-    assert chunk_rows(128256) == 32
+    assert chunk_rows(49152) == 341  # 64 MiB of fp32 scores
+    assert chunk_rows(128256) == 130
     assert chunk_rows(10**9) == 16
 
 
