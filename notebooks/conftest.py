@@ -15,22 +15,21 @@ import pytest
 from lora_nb.pipeline import REHEARSAL_VARIABLE
 
 STEPS = "2"
-_before: list[str | None] = []
+_set_here = False  # whether this file set the variable (a rehearsal the user asked for is left as it is)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Before nbval starts a notebook's kernel (in its first cell's setup): set the rehearsal."""
-    if not _before:
-        _before.append(os.environ.get(REHEARSAL_VARIABLE))
-        os.environ[REHEARSAL_VARIABLE] = _before[0] or STEPS
+    global _set_here
+    if REHEARSAL_VARIABLE not in os.environ:
+        os.environ[REHEARSAL_VARIABLE] = STEPS
+        _set_here = True
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """After the last notebook cell of a run of cells: put the variable back as it was."""
-    if _before and (nextitem is None or nextitem.path.parent != item.path.parent):
-        previous = _before.pop()
-        if previous is None:
-            os.environ.pop(REHEARSAL_VARIABLE, None)
-        else:
-            os.environ[REHEARSAL_VARIABLE] = previous
+    """After the last notebook cell of a run of cells: take the variable away again."""
+    global _set_here
+    if _set_here and (nextitem is None or nextitem.path.parent != item.path.parent):
+        os.environ.pop(REHEARSAL_VARIABLE, None)
+        _set_here = False
