@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
-import types
 import warnings
 from typing import Any, Sequence
 
@@ -56,12 +55,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from .data import IGNORE_INDEX, PadCollator
+from .lean_layers import PROBE_TOLERANCE, lean_layers
 from .loading import disable_cpu_weight_repacking
 from .loss import head_cross_entropy, shift_labels
 
 PACKED_SDPA = "lora_nb_packed_sdpa"  # attention implementation name registered below
 PROBE_LENGTHS = (5, 9, 3)  # the examples `check_padding_free` packs into one row
-PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative; other dtypes (bf16, fp16): 2e-2
 
 
 def length_grouped_indices(lengths: Sequence[int], batch_size: int, seed: int = 0,
@@ -253,81 +252,25 @@ AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
-class _SiluTimes(torch.autograd.Function):
-    """`silu(gate) * up` that keeps only `gate` and `up` for the backward pass (silu is recomputed).
-
-    Autograd's own graph keeps `gate`, `silu(gate)` and `up`: one [tokens x intermediate] tensor
-    more per layer, 750 MiB on the demo model at 8 x 512 tokens (the largest saved activation).
-    """
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        # autograd's own kernels for silu(gate) * up: the same values, in four passes over the tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
-
-
-def _lean_mlp_forward(self, x):
-    return self.down_proj(_SiluTimes.apply(self.gate_proj(x), self.up_proj(x)))
-
-
-def _swiglu_mlps(model) -> list[torch.nn.Module]:
-    """The gated-SiLU MLPs (`down(silu(gate(x)) * up(x))`, Llama-style) whose output `_lean_mlp_forward`
-    reproduces: checked numerically on one module per class, in eval mode and without gradients."""
-    found, verdict = [], {}
-    for module in model.modules():
-        if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            continue
-        if type(module.act_fn).__name__ not in ("SiLU", "SiLUActivation") or "forward" in vars(module):
-            continue
-        cls = type(module)
-        if cls not in verdict:
-            weight = next(p for p in module.parameters() if p.is_floating_point())
-            x = torch.randn(1, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
-            x = x.to(device=weight.device, dtype=weight.dtype)
-            was_training = module.training
-            module.eval()
-            try:
-                with torch.no_grad():
-                    own, lean = module(x).float(), _lean_mlp_forward(module, x).float()
-                verdict[cls] = bool(torch.allclose(own, lean, rtol=PROBE_TOLERANCE.get(weight.dtype, 2e-2), atol=1e-6))
-            except (TypeError, ValueError, RuntimeError, AttributeError):
-                verdict[cls] = False
-            finally:
-                module.train(was_training)
-        if verdict[cls]:
-            found.append(module)
-    return found
-
-
 @contextlib.contextmanager
 def packed_attention(model, plan: "BatchPlan"):
     """While training: run an sdpa model's attention one example at a time, and keep less for backward.
 
     Only models that use transformers' "sdpa" attention switch (to `packed_sdpa_attention`), and only
     with padding-free rows; eager keeps transformers' block-diagonal mask and flash-attention its own
-    varlen path. Gated-SiLU MLPs (Llama, Qwen, Mistral, SmolLM, ...) compute `silu(gate) * up` with
-    `_SiluTimes`, which keeps one activation less per layer (same values and gradients). Everything
-    is restored on exit, so generation afterwards runs as before.
+    varlen path. Gated-SiLU MLPs and LoRA linears run their lean forms (`lean_layers`: same values and
+    gradients, fewer passes over memory). Everything is restored on exit, so generation afterwards
+    runs as before.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = getattr(base.config, "_attn_implementation", None)
     switch = plan.padding_free and before == "sdpa"
-    mlps = _swiglu_mlps(base)
     if switch:
         base.set_attn_implementation(PACKED_SDPA)
-    for mlp in mlps:
-        mlp.forward = types.MethodType(_lean_mlp_forward, mlp)
     try:
-        yield
+        with lean_layers(base):
+            yield
     finally:
-        for mlp in mlps:
-            del mlp.forward
         if switch:
             base.set_attn_implementation(before)
 

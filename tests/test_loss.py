@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from lora_nb.batching import loss_sum
-from lora_nb.loss import chunk_rows, head_cross_entropy, shift_labels
+from lora_nb.loss import chunk_rows, head_cross_entropy, shift_labels, vocab_block
 
 
 def _targets(shape, vocab, seed=0):
@@ -19,7 +19,14 @@ def _targets(shape, vocab, seed=0):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("trainable_head", [False, True])
-def test_fused_linear_head_matches_the_whole_logits(bias, trainable_head):
+@pytest.mark.parametrize("blocks", [1, 8])
+def test_fused_linear_head_matches_the_whole_logits(bias, trainable_head, blocks, monkeypatch):
+    from lora_nb import loss
+
+    if blocks > 1:  # the vocabulary in blocks of 7 scores, as a CPU takes a large one
+        monkeypatch.setattr(loss, "CPU_BLOCK_BYTES", 1)
+        monkeypatch.setattr(loss, "MIN_BLOCK", 7)
+    assert -(-50 // loss.vocab_block(5, 50, torch.device("cpu"))) == blocks
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(trainable_head)
     hidden = torch.randn(3, 23, 16, requires_grad=True)
@@ -57,6 +64,8 @@ def test_chunk_rows_bounds_the_scores_held_at_once():
     assert chunk_rows(49152) == 341  # 64 MiB of fp32 scores
     assert chunk_rows(128256) == 130
     assert chunk_rows(10**9) == 16
+    assert vocab_block(341, 49152, torch.device("cpu")) == 1537  # 2 MiB: what a CPU holds at a time
+    assert vocab_block(341, 49152, torch.device("meta")) == 49152  # a GPU takes the chunk's whole vocabulary
 
 
 def test_shift_labels():
