@@ -124,10 +124,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.shape[0], chunk):
             part, target = rows[start:start + chunk], targets[start:start + chunk]
             logsumexp, softmax_weight = _online_softmax(part, weight, bias)
-            picked = _target_scores(part, weight, bias, target)
+            target_rows = weight[target].float()  # each row's target's row of the head weight
+            picked = _target_scores(part, target_rows, bias, target)
             total += (logsumexp - picked).sum()  # logsumexp - target score, per row
             if grad_rows is not None:  # softmax @ weight, less the target's row of weight
-                grad_rows[start:start + chunk] = (softmax_weight - weight[target].float()).to(rows.dtype)
+                grad_rows[start:start + chunk] = (softmax_weight - target_rows).to(rows.dtype)
             if head_trains:
                 _head_gradients(part, weight, bias, target, logsumexp, *grads)
         ctx.save_for_backward(grad_rows, *grads)
@@ -152,9 +153,9 @@ def _scores(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return F.linear(rows, weight, bias).float()
 
 
-def _target_scores(rows, weight, bias, target) -> torch.Tensor:
-    """Each row's score for its own target, [rows x 1] fp32."""
-    picked = (rows.float() * weight[target].float()).sum(dim=1, keepdim=True)
+def _target_scores(rows, target_rows, bias, target) -> torch.Tensor:
+    """Each row's score for its own target (`target_rows`: the head weight's rows of the targets), [rows x 1] fp32."""
+    picked = (rows.float() * target_rows).sum(dim=1, keepdim=True)
     return picked if bias is None else picked + bias[target].float()[:, None]
 
 
