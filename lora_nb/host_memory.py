@@ -34,8 +34,11 @@ def return_freed_memory_promptly(threshold: int = MMAP_THRESHOLD) -> None:
     glibc raises its mmap threshold as large blocks are freed (up to 32 MB), after which the
     activations of each training step come from the heap, whose freed space stays resident and
     fragments. Measured on the demo (5 steps of demo-cpu, gradient checkpointing on): training
-    peaked at 2.02 GB RSS with glibc's default, 1.44 GB with a fixed 1 MiB threshold. The setting
-    holds for the rest of the process (glibc has one for all threads).
+    peaked at 2.02 GB RSS with glibc's default, 1.44 GB with a fixed 1 MiB threshold. It costs time:
+    every large block is a fresh mapping whose pages fault in again. Under a 2 GB cgroup, 6 steps of
+    demo-cpu took 61.0 s at 1 MiB (RSS peak 1.33 GB), 47.0 s at 4 MiB and 44.1 s at 16 MiB (both
+    1.72 GB), so the kit sets it only in small sessions (`small_session`). The setting holds for the
+    rest of the process (glibc has one for all threads).
 
     Args:
         threshold: The block size, in bytes, from which blocks get their own mapping.
