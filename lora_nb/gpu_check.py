@@ -6,8 +6,8 @@ NF4 through :func:`lora_nb.loading.load_model`, the loader the notebooks use. Ea
 few steps on mixed-length token sequences (64-512 tokens) and is measured:
 
 - ``kit``: :func:`lora_nb.train.train` (length-grouped batches, the kit's collator and settings);
-- ``plain``: the plain recipe (``get_peft_model`` + ``Trainer`` + ``DataCollatorForLanguageModeling``,
-  random order) on the same model and data;
+- ``plain``: the plain recipe (``get_peft_model`` + ``Trainer`` + ``DataCollatorForSeq2Seq`` with labels =
+  input ids, random order; the benchmark's recipe arm) on the same model and data;
 
 in bf16 (where the card has it), in fp16 with loss scaling (the T4 path, forced on every card), and
 the kit with ``paged_adamw_8bit`` and with gradient checkpointing; the 3B model runs the kit and the
@@ -337,14 +337,15 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
         return counted
     t = settings.train
     peft_model = get_peft_model(model, settings.lora.to_peft(model))
-    plain = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    # Not DataCollatorForLanguageModeling: it labels every pad-id token -100, the end-of-turn token where
+    # pad = eos, so that recipe never learns to end a turn (benchmarks/throughput_arms.py, recipe_collator).
+    plain = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True)
     args = transformers.TrainingArguments(
         output_dir=str(run_dir), per_device_train_batch_size=t.per_device_train_batch_size, max_steps=t.max_steps,
         learning_rate=t.learning_rate, lr_scheduler_type="constant", optim=t.optim, logging_steps=1,
         save_strategy="no", report_to="none", bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         use_cpu=not cuda_available(), gradient_checkpointing=t.gradient_checkpointing, seed=t.seed)
-    features = data.remove_columns(["labels"])
-    trainer = transformers.Trainer(model=peft_model, args=args, train_dataset=features,
+    trainer = transformers.Trainer(model=peft_model, args=args, train_dataset=data,
                                    data_collator=lambda rows: count(plain(rows)), callbacks=[timer.callback])
     trainer.train()
     return counted
