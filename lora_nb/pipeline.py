@@ -25,7 +25,7 @@ from .demo import DEMO_MODEL_ID
 from .demo_task import demo_data_paths
 from .errors import SettingsError
 from .formats import load_settings
-from .host_memory import release_memory, return_freed_memory_promptly, small_session
+from .host_memory import release_memory, return_freed_memory_in_small_sessions
 from .loading import describe_model, load_model
 from .presets import get_preset
 from .run_folder import (ADAPTER_DIR, GENERATIONS_FILE, LOG_FILE, LOSS_PLOT_FILE, METRICS_FILE, SETTINGS_FILE, RunFolder,
@@ -202,8 +202,7 @@ def run_pipeline(
     check_run_arguments(config=config, preset=preset, model=model, data=data, heldout=heldout, out=out,
                         max_new_tokens=max_new_tokens, limit=limit)  # before any long work
     started = time.perf_counter()
-    if small_session():  # the demo within 2 GB (Binder), see tests/test_memory.py; elsewhere it only costs time:
-        return_freed_memory_promptly()  # 6 demo-cpu steps 46.0 s -> 57.8 s with it, uncapped
+    return_freed_memory_in_small_sessions()  # the demo within 2 GB (Binder): see tests/test_memory.py
     out = Path(out)
     settings = configure(config, preset, model, quant, max_steps, overrides)
     source = f"settings file {config}" if config else f"preset {preset!r}"

@@ -33,7 +33,7 @@ from .batching import KitTrainer, packed_attention, plan_batches
 from .data import load_examples, tokenize_examples
 from .errors import RunFolderError, SettingsError
 from .files import write_text_atomic
-from .host_memory import return_freed_memory_promptly, small_session
+from .host_memory import return_freed_memory_in_small_sessions
 from .loading import disable_cpu_weight_repacking
 from .model_checks import check_causal, check_positions, model_name, template_refusal
 from .run_folder import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE, CHECKPOINT_PREFIX,
@@ -221,8 +221,7 @@ def train(
             checkpoint = _resume_or_fresh(folder, model, adapter, resume)
         initial = _start_run(folder, settings, peft_model, checkpoint) if main else None
 
-        if small_session():  # Binder's 1-2 GB: freed activations go back at once (see host_memory.py)
-            return_freed_memory_promptly()
+        return_freed_memory_in_small_sessions()  # Binder's 1-2 GB: freed activations go back at once
         trainer = KitTrainer(
             model=peft_model,
             args=args,

@@ -61,12 +61,22 @@ def test_demo_recipe_margins(demo_under_cap):
 
 def test_the_cap_is_seen_from_inside():
     """The probe reads the process's own cgroup (not the container's root), so training knows it is small."""
-    code = "from lora_nb.host_memory import small_session; from lora_nb.probes import memory_limit; " \
-           "print(*memory_limit(), small_session(), sep='|')"
+    code = "from lora_nb.host_memory import return_freed_memory_in_small_sessions as promptly, small_session; " \
+           "from lora_nb.probes import memory_limit; print(*memory_limit(), small_session(), promptly(), sep='|')"
     with memory_cap() as cap:
         if cap.group is None:
             pytest.skip("no cgroup could be made here (not root): nothing for the probe to read")
         done = subprocess.run([sys.executable, "-c", code], env=_env(), preexec_fn=cap.enter, capture_output=True,
                               text=True, timeout=600, check=True)
-    limit, source, small = done.stdout.strip().splitlines()[-1].split("|")
+    limit, source, small, promptly = done.stdout.strip().splitlines()[-1].split("|")
     assert abs(int(limit) - CAP) < 1 << 16 and source == "cgroup limit" and small == "True"  # v1 rounds to pages
+    assert promptly == str(sys.platform.startswith("linux"))  # glibc's mmap threshold set (Linux/glibc only)
+
+
+@pytest.mark.parametrize("limit", [None, 24_000_000_000])
+def test_a_large_or_unknown_session_keeps_glibcs_threshold(monkeypatch, limit):
+    """Outside small sessions the 1 MiB mmap threshold only costs time (host_memory.py): it is not set."""
+    from lora_nb import host_memory
+
+    monkeypatch.setattr(host_memory, "memory_limit", lambda: (limit, "test"))
+    assert host_memory.return_freed_memory_in_small_sessions() is False
