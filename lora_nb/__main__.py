@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("gpu-check", help="train a few 4-bit steps on this GPU (random-weight 1B and 3B Llama "
                            "shapes, offline) and write a Markdown + JSON report; a smoke version without CUDA")
     check.add_argument("--out", default="gpu-check", help="folder for gpu_check.md and gpu_check.json (default: gpu-check)")
-    check.add_argument("--steps", type=int, help="optimizer steps per variant (default 8 on a GPU, 3 in the smoke version)")
+    check.add_argument("--steps", type=int, help="optimizer steps per variant (default 20 on a GPU, 3 in the smoke version)")
     return parser
 
 

@@ -55,7 +55,7 @@ from .settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 from .train import train
 
 MODELS = ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B")
-STEPS = 8  # optimizer steps per variant; the first is warm-up (kernels, allocator) and is not timed
+STEPS = 20  # optimizer steps per variant; the first is warm-up (kernels, allocator) and is not timed
 BATCH = 4
 MIN_LEN, MAX_LEN = 64, 512
 LEARNING_RATE = 2e-3
@@ -70,6 +70,7 @@ class VariantResult:
     variant: str
     path: str  # "kit" or "plain"
     precision: str
+    batches: str = ""  # "padding-free rows" or "padded"
     optim: str = "adamw_torch"
     checkpointing: bool = False
     steps: int = 0
@@ -82,6 +83,7 @@ class VariantResult:
     first_loss: float = math.nan
     last_loss: float = math.nan
     ratio_vs_plain: float = math.nan
+    memory_vs_plain: float = math.nan
     error: str = ""
 
     @property
@@ -111,20 +113,25 @@ class CheckReport:
                  f"{self.device}; " + ", ".join(f"{k} {v}" for k, v in self.versions.items())
                  + f"; {self.seconds:.0f} s in all.", ""]
         lines += [f"- {note}" for note in self.notes]
-        lines += ["", "| model | variant | precision | optimizer | ckpt | real tokens/s | kit/plain | peak allocated GiB "
-                  "| peak reserved GiB | estimate GiB | estimate/allocated | MFU | loss first -> last |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| model | variant | precision | optimizer | ckpt | batches | real tokens/s | kit/plain "
+                  "| peak allocated GiB | kit/plain memory | peak reserved GiB | estimate GiB | estimate/allocated "
+                  "| MFU | loss first -> last |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in self.results:
             if not r.ok:
                 lines.append(f"| {r.model} | {r.variant} | {r.precision} | {r.optim} | {r.checkpointing} | "
-                             f"not run: {r.error} |  |  |  |  |  |  |  |")
+                             f"not run: {r.error} |  |  |  |  |  |  |  |  |  |")
                 continue
-            ratio = f"{r.ratio_vs_plain:.2f}x" if not math.isnan(r.ratio_vs_plain) else ""
-            lines.append(f"| {r.model} | {r.variant} | {r.precision} | {r.optim} | {r.checkpointing} | "
-                         f"{r.real_tokens_per_s:.0f} | {ratio} | {r.peak_allocated_gib:.2f} | {r.peak_reserved_gib:.2f} | "
+            lines.append(f"| {r.model} | {r.variant} | {r.precision} | {r.optim} | {r.checkpointing} | {r.batches} | "
+                         f"{r.real_tokens_per_s:.0f} | {_times(r.ratio_vs_plain)} | {r.peak_allocated_gib:.2f} | "
+                         f"{_times(r.memory_vs_plain)} | {r.peak_reserved_gib:.2f} | "
                          f"{r.estimate_gib:.2f} | {r.estimate_over_allocated:.2f} | {r.mfu:.1%} | "
                          f"{r.first_loss:.3f} -> {r.last_loss:.3f} |")
         return "\n".join(lines) + "\n"
+
+
+def _times(ratio: float) -> str:
+    return "" if math.isnan(ratio) else f"{ratio:.2f}x"
 
 
 def variants(cuda: bool, bf16: bool) -> list[dict[str, Any]]:
@@ -152,7 +159,7 @@ def run_gpu_check(out: str | Path | None = None, models: tuple[str, ...] = MODEL
     Args:
         out: Folder for the report (None: nowhere).
         models: Shipped configs to build random-weight models from (CUDA only).
-        steps: Optimizer steps per variant (default 8 on CUDA, 3 in the smoke version).
+        steps: Optimizer steps per variant (default 20 on CUDA, 3 in the smoke version).
         smoke: Force the tiny smoke version (default: when there is no CUDA).
         log: Where progress lines go.
 
@@ -184,15 +191,21 @@ def run_gpu_check(out: str | Path | None = None, models: tuple[str, ...] = MODEL
                 log(f"gpu-check: {name} {spec['variant']} ...")
                 report.results.append(_run_variant(name, folder, spec, steps, gpu, Path(work)))
                 _free()
-            _add_ratios(report.results)
-    report.seconds = time.perf_counter() - started
+                _add_ratios(report.results)
+                report.seconds = time.perf_counter() - started
+                _write(report, out)  # after every variant: a check stopped part-way keeps what it measured
     _add_findings(report)
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "gpu_check.md", report.markdown())
-        write_text_atomic(out / "gpu_check.json", json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+    _write(report, out)
     return report
+
+
+def _write(report: CheckReport, out: str | Path | None) -> None:
+    if out is None:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "gpu_check.md", report.markdown())
+    write_text_atomic(out / "gpu_check.json", json.dumps(report.to_dict(), indent=1, default=str) + "\n")
 
 
 def _this_gpu() -> Gpu:
@@ -246,17 +259,19 @@ def _data(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
 
 
 class _StepTimer:
-    """Trainer callback: times steps after the first, counts real tokens, records losses."""
+    """Trainer callback: times the steps after the first (to the end of the last step, before any
+    saving), records losses."""
 
-    def __init__(self, tokens_per_step: list[int]):
+    def __init__(self):
         timer = self
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == 1:
-                    if cuda_available():
-                        torch.cuda.synchronize()
-                    timer.start = time.perf_counter()
+                    timer.start = _now()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.end = _now()
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
@@ -264,8 +279,15 @@ class _StepTimer:
 
         self.callback = Callback()
         self.start = 0.0
+        self.end = 0.0
         self.losses: list[float] = []
-        self.tokens_per_step = tokens_per_step
+
+
+def _now() -> float:
+    """Wall time once the GPU's queued work is done."""
+    if cuda_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _run_variant(name: str, folder: Path, spec: dict[str, Any], steps: int, gpu: Gpu | None, work: Path) -> VariantResult:
@@ -291,14 +313,12 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
                                   gradient_checkpointing=settings.train.gradient_checkpointing)
     seqs = _data(model.config.vocab_size, steps * BATCH)
     data = datasets.Dataset.from_dict({"input_ids": seqs, "labels": seqs})
-    timer = _StepTimer([])
+    timer = _StepTimer()
     run_dir = work / f"run-{result.model.replace('/', '--')}-{result.variant.replace(' ', '-')}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        trainer_tokens = _train(result.path, model, tokenizer, data, settings, run_dir, timer)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - timer.start
+        trainer_tokens, result.batches = _train(result.path, model, tokenizer, data, settings, run_dir, timer)
+    seconds = timer.end - timer.start
     timed_tokens = sum(trainer_tokens[1:])
     result.steps = len(trainer_tokens)
     result.real_tokens_per_s = timed_tokens / seconds if seconds > 0 else 0.0
@@ -316,13 +336,17 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
     del model
 
 
-def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Path, timer: _StepTimer) -> list[int]:
-    """Trains with the kit's `train()` or the plain recipe; returns the real tokens of each step."""
+def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Path,
+           timer: _StepTimer) -> tuple[list[int], str]:
+    """Trains with the kit's `train()` or the plain recipe; returns the real tokens of each step and
+    how the batches were built ("padding-free rows" or "padded")."""
     counted: list[int] = []
+    kinds: set[str] = set()
 
     def count(batch: dict) -> dict:
-        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()  # packed rows hold no padding
-        counted.append(int(real))
+        packed = "attention_mask" not in batch  # packed rows hold no padding
+        counted.append(int(batch["input_ids"].numel() if packed else batch["attention_mask"].sum()))
+        kinds.add("padding-free rows" if packed else "padded")
         return batch
 
     if path == "kit":
@@ -334,7 +358,7 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
         finally:
             for cls, original in originals.items():
                 cls.__call__ = original
-        return counted
+        return counted, ", ".join(sorted(kinds))
     t = settings.train
     peft_model = get_peft_model(model, settings.lora.to_peft(model))
     # Not DataCollatorForLanguageModeling: it labels every pad-id token -100, the end-of-turn token where
@@ -348,7 +372,7 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
     trainer = transformers.Trainer(model=peft_model, args=args, train_dataset=data,
                                    data_collator=lambda rows: count(plain(rows)), callbacks=[timer.callback])
     trainer.train()
-    return counted
+    return counted, ", ".join(sorted(kinds))
 
 
 def _flops_per_token(config: Any, seq: int) -> float:
@@ -365,11 +389,14 @@ def _flops_per_token(config: Any, seq: int) -> float:
 
 
 def _add_ratios(results: list[VariantResult]) -> None:
+    """kit/plain tokens/s and peak allocated memory, for the kit rows that differ from plain only in path."""
     plain = {(r.model, r.precision): r for r in results if r.path == "plain" and r.ok}
     for r in results:
         ref = plain.get((r.model, r.precision))
         if r.path == "kit" and r.ok and ref and ref.real_tokens_per_s and r.optim == "adamw_torch" and not r.checkpointing:
             r.ratio_vs_plain = r.real_tokens_per_s / ref.real_tokens_per_s
+            if ref.peak_allocated_gib:
+                r.memory_vs_plain = r.peak_allocated_gib / ref.peak_allocated_gib
 
 
 def _add_findings(report: CheckReport) -> None:

@@ -914,7 +914,7 @@ class TrainSettings:
         if self.eval_steps is not None:
             kwargs["eval_steps"] = self.eval_steps
         if self.gradient_checkpointing:
-            kwargs |= {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+            kwargs |= _checkpointing_arguments()
         kwargs |= overrides
         try:
             return transformers.TrainingArguments(**kwargs)
@@ -954,6 +954,18 @@ class TrainSettings:
 # ---------------------------------------------------------------------------------------------------------------
 
 SECTIONS = {"lora": LoraSettings, "quant": QuantSettings, "train": TrainSettings}
+
+
+def _checkpointing_arguments() -> dict[str, Any]:
+    """TrainingArguments keywords for non-reentrant gradient checkpointing, in the installed version's names.
+
+    transformers renamed ``gradient_checkpointing`` to ``activation_checkpointing`` during 5.x (5.17 has
+    only the old name; 5.24 keeps it as a deprecated alias until v6). The kit supports 5.0 and later,
+    so it asks which name the installed version has.
+    """
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 @dataclass

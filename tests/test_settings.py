@@ -262,7 +262,8 @@ def test_to_training_args_on_cpu(tmp_path, monkeypatch):
     assert (args.seed, args.data_seed, args.save_total_limit) == (7, 7, 2)
     assert args.remove_unused_columns is False and args.report_to == []
     assert args.train_sampling_strategy == "group_by_length"
-    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    # the old names: the only ones before transformers renamed them (5.17), an alias after (5.24)
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
 def test_to_training_args_precision_and_overrides(tmp_path, monkeypatch):
