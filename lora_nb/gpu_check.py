@@ -85,6 +85,7 @@ class VariantResult:
     ratio_vs_plain: float = math.nan
     memory_vs_plain: float = math.nan
     error: str = ""
+    notes: list[str] = field(default_factory=list)  # why the kit took a slower path (its warnings)
 
     @property
     def ok(self) -> bool:
@@ -315,9 +316,10 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
     data = datasets.Dataset.from_dict({"input_ids": seqs, "labels": seqs})
     timer = _StepTimer()
     run_dir = work / f"run-{result.model.replace('/', '--')}-{result.variant.replace(' ', '-')}"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer_tokens, result.batches = _train(result.path, model, tokenizer, data, settings, run_dir, timer)
+    result.notes = sorted({str(w.message) for w in caught if "off for this model" in str(w.message)})
     seconds = timer.end - timer.start
     timed_tokens = sum(trainer_tokens[1:])
     result.steps = len(trainer_tokens)
@@ -400,6 +402,12 @@ def _add_ratios(results: list[VariantResult]) -> None:
 
 
 def _add_findings(report: CheckReport) -> None:
+    seen = set()
+    for r in report.results:
+        for note in r.notes:
+            if (r.model, note) not in seen:
+                seen.add((r.model, note))
+                report.notes.append(f"{r.model} {r.variant}: {note}")
     for r in report.results:
         if r.ok and not (math.isfinite(r.last_loss) and r.last_loss < r.first_loss):
             report.notes.append(f"{r.model} {r.variant}: the loss did not fall ({r.first_loss:.3f} -> {r.last_loss:.3f}).")

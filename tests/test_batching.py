@@ -11,16 +11,19 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from lora_nb.batching import (
+    PROBE_LENGTHS,
     BatchPlan,
     KitTrainer,
     LengthGroupedSampler,
     LengthGroupedTrainer,
     PackedCollator,
     ShiftedPadCollator,
+    _compute_dtype,
     check_padding_free,
     length_grouped_indices,
     loss_sum,
     packed_attention,
+    packed_sdpa_attention,
     plan_batches,
 )
 from lora_nb.data import padding_efficiency
@@ -211,6 +214,47 @@ def test_a_model_whose_attention_ignores_example_boundaries_falls_back_with_the_
         plan = plan_batches(model, padding_free=True)
     assert not plan.padding_free and plan.chunked_loss
     assert isinstance(plan.collator(0), ShiftedPadCollator)
+
+
+def _with_shape_rounding(attention):
+    """`attention`, scaled by 1 + 1e-3 in a row longer than any probe example: the way a GPU's other
+    kernels for other matrix shapes round a packed row differently from each example alone."""
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        out, weights = attention(module, query, key, value, attention_mask, **kwargs)
+        return (out * (1 + 1e-3) if query.shape[2] > max(PROBE_LENGTHS) else out), weights
+    return attend
+
+
+@pytest.mark.parametrize("leaks", [False, True])
+def test_the_packing_check_tells_rounding_noise_from_a_leak(leaks):
+    name = f"test_rounding_{leaks}"
+    AttentionInterface.register(name, _with_shape_rounding(_attention_ignoring_boundaries if leaks else packed_sdpa_attention))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model = tiny_model("llama")
+    model.set_attn_implementation(name)
+    problem = check_padding_free(model)
+    if leaks:  # noise on every example, and a leak far above it on the later ones
+        assert "its examples see each other" in problem and "rounding noise" in problem
+    else:  # above fp32's 1e-4, but no more than the first example's own noise
+        assert problem is None
+
+
+def test_the_probe_tolerance_follows_a_4bit_layers_compute_dtype(tiny_model_dir):
+    from lora_nb.loading import load_model
+    from lora_nb.settings import QuantSettings
+
+    for compute, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        base, _ = load_model(tiny_model_dir, QuantSettings(load_in="4bit", bnb_4bit_compute_dtype=compute))
+        assert base.get_input_embeddings().weight.dtype == torch.float32
+        assert _compute_dtype(base) == expected
+
+
+def test_training_attention_leaves_cudnn_out_and_restores_it():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with packed_attention(tiny_model("llama"), BatchPlan(padding_free=True, chunked_loss=True)):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
 def test_padding_free_off_keeps_padded_batches_without_probing():

@@ -40,6 +40,25 @@ def test_fused_linear_head_matches_the_whole_logits(bias, trainable_head, blocks
         torch.testing.assert_close(got * 7.0, want, rtol=1e-4, atol=1e-6)  # the outer scale reaches every gradient
 
 
+def test_half_precision_products_give_the_recipes_bf16_logits_loss():
+    # Under mixed precision autocast runs the model's own head in bf16; the chunked loss runs after
+    # the forward, outside autocast, and takes the same dtype as an argument.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False).requires_grad_(False)
+    hidden = (3 * torch.randn(2, 40, 64)).requires_grad_()
+    targets = _targets((2, 40), 300)
+    logits = F.linear(hidden.to(torch.bfloat16), head.weight.to(torch.bfloat16)).float()
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    (want,) = torch.autograd.grad(expected, hidden)
+    half = head_cross_entropy(hidden, head, targets, dtype=torch.bfloat16)
+    (got,) = torch.autograd.grad(half, hidden)
+    full = head_cross_entropy(hidden, head, targets)
+    assert abs(half.item() - expected.item()) < abs(full.item() - expected.item()) / 10
+    assert half.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
 def test_any_head_module_goes_through_checkpointed_chunks():
     torch.manual_seed(0)
     head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 40))
