@@ -2,19 +2,23 @@
 
 Offline by design: random-weight models of real sizes are built from the shipped configs
 (``lora_nb/model_configs``: Llama-3.2-1B and Llama-3.2-3B shapes), saved once, and loaded in 4-bit
-NF4 through :func:`lora_nb.loading.load_model`, the loader the notebooks use. Each variant trains a
-few steps on mixed-length token sequences (64-512 tokens) and is measured:
+NF4 through :func:`lora_nb.loading.load_model`, the loader the notebooks use. Each variant trains
+20 steps on mixed-length token sequences (64-512 tokens) and is measured:
 
-- ``kit``: :func:`lora_nb.train.train` (length-grouped batches, the kit's collator and settings);
+- ``kit``: :func:`lora_nb.train.train` (padding-free rows where the model passes the packing check,
+  else length-grouped batches; the chunked loss; the kit's settings);
 - ``plain``: the plain recipe (``get_peft_model`` + ``Trainer`` + ``DataCollatorForSeq2Seq`` with labels =
   input ids, random order; the benchmark's recipe arm) on the same model and data;
 
 in bf16 (where the card has it), in fp16 with loss scaling (the T4 path, forced on every card), and
 the kit with ``paged_adamw_8bit`` and with gradient checkpointing; the 3B model runs the kit and the
-plain recipe in the card's best precision only, so that the whole check stays under 8 minutes. Per variant: real (non-padding)
-tokens/s after the first step, peak allocated and reserved memory beside ``estimate_memory`` for the
-longest batch, MFU (useful FLOP/s over the card's peak), the loss at the first and last step, and the
-kit/plain ratio. A variant that cannot run here gets its reason. The report is Markdown + JSON.
+plain recipe in the card's best precision only (129 s for the whole check on an H200). Per variant:
+real (non-padding) tokens/s from the end of the first step to the end of the last (not the saving
+after it), how the batches were built, peak allocated and reserved memory beside ``estimate_memory``
+for the longest batch, MFU (useful FLOP/s over the card's peak), the loss at the first and last
+step, the kit/plain ratios of speed and memory, and the kit's reasons for any slower path it took.
+A variant that cannot run here gets its reason. The report is Markdown + JSON, rewritten after
+every variant.
 
 Without CUDA it runs a smoke version on a tiny random model (fp32 only, seconds) and says that the
 real check needs a CUDA GPU.

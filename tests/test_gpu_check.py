@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_nb.__main__ import main
-from lora_nb.gpu_check import _flops_per_token, variants
+from lora_nb.gpu_check import _flops_per_token, run_gpu_check, variants
 from lora_nb.fit import load_config
 
 
@@ -44,5 +44,21 @@ def test_smoke_version_on_cpu(tmp_path, capsys):
         assert row["real_tokens_per_s"] > 0 and math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])
         assert row["estimate_gib"] > 0
     assert rows["kit fp32"]["ratio_vs_plain"] > 0
+    assert rows["kit fp32"]["batches"] == "padding-free rows" and rows["plain fp32"]["batches"] == "padded"
+    assert rows["kit fp32"]["notes"] == []  # no slower path taken, so no reason to give
     assert rows["kit fp16"]["error"] == "needs a CUDA GPU"
     assert "not run: needs a CUDA GPU" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke version is the CPU path")
+def test_the_report_is_on_disk_after_every_variant(tmp_path):
+    written = []
+
+    def log(line: str) -> None:  # called before each variant: the variants before it are on disk
+        report = tmp_path / "gpu_check.json"
+        written.append(len(json.loads(report.read_text())["results"]) if report.exists() else 0)
+
+    report = run_gpu_check(tmp_path, steps=2, smoke=True, log=log)
+    assert written == list(range(len(report.results)))
+    assert len(json.loads((tmp_path / "gpu_check.json").read_text())["results"]) == len(report.results)
