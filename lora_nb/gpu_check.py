@@ -11,7 +11,9 @@ NF4 through :func:`lora_nb.loading.load_model`, the loader the notebooks use. Ea
   input ids, random order; the benchmark's recipe arm) on the same model and data;
 
 in bf16 (where the card has it), in fp16 with loss scaling (the T4 path, forced on every card), and
-the kit with ``paged_adamw_8bit`` and with gradient checkpointing; the 3B model runs the kit and the
+the kit with ``paged_adamw_8bit`` and with gradient checkpointing, and the plain recipe without cuDNN's
+attention kernel (``batching.TRAINING_SDPA_BACKENDS``, as the kit trains: the ratio once cuDNN's
+per-length plans are out of the picture); the 3B model runs the kit and the
 plain recipe in the card's best precision only (129 s for the whole check on an H200). Per variant:
 real (non-padding) tokens/s from the end of the first step to the end of the last (not the saving
 after it), how the batches were built, peak allocated and reserved memory beside ``estimate_memory``
@@ -26,6 +28,7 @@ real check needs a CUDA GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -44,9 +47,10 @@ import peft
 import torch
 import transformers
 from peft import get_peft_model
+from torch.nn.attention import sdpa_kernel
 from transformers import TrainerCallback
 
-from .batching import PackedCollator
+from .batching import TRAINING_SDPA_BACKENDS, PackedCollator
 from .data import PadCollator
 from .demo import build_tiny_model
 from .errors import SettingsError
@@ -77,6 +81,7 @@ class VariantResult:
     batches: str = ""  # "padding-free rows" or "padded"
     optim: str = "adamw_torch"
     checkpointing: bool = False
+    cudnn_attention: bool = True  # False: sdpa without cuDNN's kernel, as the kit trains
     steps: int = 0
     real_tokens_per_s: float = 0.0
     peak_allocated_gib: float = 0.0
@@ -151,6 +156,10 @@ def variants(cuda: bool, bf16: bool) -> list[dict[str, Any]]:
                  "reason": "" if cuda else "paged optimizers need CUDA"})
     rows.append({"variant": "kit gradient checkpointing", "path": "kit", "precision": best, "checkpointing": True,
                  "reason": ""})
+    # The recipe with the kit's attention kernels: what is left of the ratio once cuDNN's per-length
+    # plans are out of the picture (as over a long run, where few lengths are new).
+    rows.append({"variant": "plain without cuDNN attention", "path": "plain", "precision": best, "cudnn": False,
+                 "reason": "" if cuda else "cuDNN attention runs only on CUDA"})
     if not cuda:
         rows += [{"variant": f"kit {p}", "path": "kit", "precision": p, "reason": "needs a CUDA GPU"}
                  for p in ("bf16", "fp16")]
@@ -191,7 +200,7 @@ def run_gpu_check(out: str | Path | None = None, models: tuple[str, ...] = MODEL
             if index > 0:  # the larger models: kit and plain in the card's best precision (keeps it under 8 min)
                 best = specs[-1]["precision"]
                 specs = [v for v in specs if v["precision"] == best and v.get("optim") is None
-                         and not v.get("checkpointing")]
+                         and not v.get("checkpointing") and v.get("cudnn", True)]
             for spec in specs:
                 log(f"gpu-check: {name} {spec['variant']} ...")
                 report.results.append(_run_variant(name, folder, spec, steps, gpu, Path(work)))
@@ -297,7 +306,8 @@ def _now() -> float:
 
 def _run_variant(name: str, folder: Path, spec: dict[str, Any], steps: int, gpu: Gpu | None, work: Path) -> VariantResult:
     result = VariantResult(model=name, variant=spec["variant"], path=spec["path"], precision=spec["precision"],
-                           optim=spec.get("optim", "adamw_torch"), checkpointing=spec.get("checkpointing", False))
+                           optim=spec.get("optim", "adamw_torch"), checkpointing=spec.get("checkpointing", False),
+                           cudnn_attention=spec.get("cudnn", True))
     if spec.get("reason"):
         result.error = spec["reason"]
         return result
@@ -322,7 +332,8 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
     run_dir = work / f"run-{result.model.replace('/', '--')}-{result.variant.replace(' ', '-')}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer_tokens, result.batches = _train(result.path, model, tokenizer, data, settings, run_dir, timer)
+        trainer_tokens, result.batches = _train(result.path, model, tokenizer, data, settings, run_dir, timer,
+                                                result.cudnn_attention)
     result.notes = sorted({str(w.message) for w in caught if "off for this model" in str(w.message)})
     seconds = timer.end - timer.start
     timed_tokens = sum(trainer_tokens[1:])
@@ -343,9 +354,9 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
 
 
 def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Path,
-           timer: _StepTimer) -> tuple[list[int], str]:
-    """Trains with the kit's `train()` or the plain recipe; returns the real tokens of each step and
-    how the batches were built ("padding-free rows" or "padded")."""
+           timer: _StepTimer, cudnn_attention: bool = True) -> tuple[list[int], str]:
+    """Trains with the kit's `train()` or the plain recipe (with or without cuDNN's attention kernel);
+    returns the real tokens of each step and how the batches were built ("padding-free rows" or "padded")."""
     counted: list[int] = []
     kinds: set[str] = set()
 
@@ -377,7 +388,8 @@ def _train(path: str, model, tokenizer, data, settings: KitSettings, run_dir: Pa
         use_cpu=not cuda_available(), gradient_checkpointing=t.gradient_checkpointing, seed=t.seed)
     trainer = transformers.Trainer(model=peft_model, args=args, train_dataset=data,
                                    data_collator=lambda rows: count(plain(rows)), callbacks=[timer.callback])
-    trainer.train()
+    with contextlib.nullcontext() if cudnn_attention else sdpa_kernel(TRAINING_SDPA_BACKENDS):
+        trainer.train()
     return counted, ", ".join(sorted(kinds))
 
 
@@ -396,7 +408,7 @@ def _flops_per_token(config: Any, seq: int) -> float:
 
 def _add_ratios(results: list[VariantResult]) -> None:
     """kit/plain tokens/s and peak allocated memory, for the kit rows that differ from plain only in path."""
-    plain = {(r.model, r.precision): r for r in results if r.path == "plain" and r.ok}
+    plain = {(r.model, r.precision): r for r in results if r.path == "plain" and r.ok and r.cudnn_attention}
     for r in results:
         ref = plain.get((r.model, r.precision))
         if r.path == "kit" and r.ok and ref and ref.real_tokens_per_s and r.optim == "adamw_torch" and not r.checkpointing:
@@ -406,6 +418,12 @@ def _add_ratios(results: list[VariantResult]) -> None:
 
 
 def _add_findings(report: CheckReport) -> None:
+    plain = {(r.model, r.precision): r for r in report.results if r.path == "plain" and r.ok and not r.cudnn_attention}
+    for r in report.results:
+        ref = plain.get((r.model, r.precision))
+        if ref and not math.isnan(r.ratio_vs_plain) and ref.real_tokens_per_s:
+            report.notes.append(f"{r.model} {r.variant}: {r.real_tokens_per_s / ref.real_tokens_per_s:.2f}x the recipe "
+                                "without cuDNN attention (no per-length plans to build: the ratio of a long run)")
     seen = set()
     for r in report.results:
         for note in r.notes:

@@ -9,18 +9,39 @@ import pytest
 import torch
 
 from lora_nb.__main__ import main
-from lora_nb.gpu_check import _flops_per_token, run_gpu_check, variants
+from lora_nb.gpu_check import (
+    CheckReport,
+    VariantResult,
+    _add_findings,
+    _add_ratios,
+    _flops_per_token,
+    run_gpu_check,
+    variants,
+)
 from lora_nb.fit import load_config
 
 
 def test_variants_cover_the_gpu_paths():
     names = [v["variant"] for v in variants(cuda=True, bf16=True)]
     assert names == ["kit bf16", "plain bf16", "kit fp16", "plain fp16", "kit paged 8-bit AdamW",
-                     "kit gradient checkpointing"]
+                     "kit gradient checkpointing", "plain without cuDNN attention"]
     t4 = {v["variant"]: v["reason"] for v in variants(cuda=True, bf16=False)}
     assert "no bf16" in t4["kit bf16"] and t4["kit fp16"] == ""  # fp16 with loss scaling runs on every card
     cpu = {v["variant"]: v["reason"] for v in variants(cuda=False, bf16=False)}
     assert cpu["kit fp32"] == "" and "CUDA" in cpu["kit fp16"] and "CUDA" in cpu["kit paged 8-bit AdamW"]
+    assert "CUDA" in cpu["plain without cuDNN attention"]
+
+
+def test_the_kit_is_compared_with_the_default_recipe_and_the_recipe_without_cudnn_is_a_note():
+    rows = [VariantResult("m", "kit bf16", "kit", "bf16", real_tokens_per_s=300, peak_allocated_gib=3),
+            VariantResult("m", "plain bf16", "plain", "bf16", real_tokens_per_s=100, peak_allocated_gib=6),
+            VariantResult("m", "plain without cuDNN attention", "plain", "bf16", cudnn_attention=False,
+                          real_tokens_per_s=200, peak_allocated_gib=6)]
+    _add_ratios(rows)
+    assert (rows[0].ratio_vs_plain, rows[0].memory_vs_plain) == (3.0, 0.5)
+    report = CheckReport(device="d", gpu="g", cuda=True, smoke=False, results=rows)
+    _add_findings(report)
+    assert "m kit bf16: 1.50x the recipe without cuDNN attention" in " ".join(report.notes)
 
 
 def test_flops_per_token_of_a_1b_llama():
