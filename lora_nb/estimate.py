@@ -30,6 +30,7 @@ import transformers
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from .errors import SettingsError, quote
+from .loss import chunk_rows, vocab_block
 from .probes import cuda_available
 from .settings import ALL_LINEAR, KitSettings, LoraSettings
 from .targets import TargetLayer, Targets, find_targets
@@ -307,9 +308,10 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
       autocast peft upcasts it and autocast casts it back per layer, so each adapted layer keeps its own
       half-precision copy), ``4 r`` for ``lora_A``'s output; dropout > 0: each layer's dropped input and
       its mask (4 bytes on CPU, 1 on CUDA); DoRA: the base and LoRA results it scales (``2 out e``);
-    - gradient checkpointing: only block inputs ``h e`` per block, plus one block recomputed at a time;
-    - transient at the peak: one block's activation gradients in the backward pass; logits and loss
-      ``V (12 + 2 [bf16])`` per token (log-softmax output, its gradient and the logits' gradient, in fp32);
+    - gradient checkpointing: only block inputs per block (``4 h`` where the embeddings are fp32, as in a
+      quantized model or under autocast, else ``h e``), plus one block recomputed at a time;
+    - transient at the peak: one block's activation gradients in the backward pass; the loss through
+      the head (``_loss_bytes``: the kit's chunked loss holds one chunk of scores, not the whole logits);
       with fp32 weights under bf16/fp16 autocast, the half-precision copies of every linear weight that
       autograd keeps; in 4-bit, the largest dequantized weight; with DoRA, the weight-norm work of the
       widest layer (an ``in x in`` identity and ``out x in`` copies in fp32).
@@ -352,18 +354,21 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
         "runtime": RUNTIME_BYTES,
     }
     if train.gradient_checkpointing:
-        parts["checkpoints"] = round(tokens * n_blocks * d["hidden"] * e)
+        residual = 4 if weight_bytes == 4 or settings.quant.load_in != "none" else e  # fp32 embeddings: fp32 stream
+        parts["checkpoints"] = round(tokens * n_blocks * d["hidden"] * residual)
         parts["backward"] = round(block_total * (1 + BACKWARD_BLOCKS))  # one block recomputed + its gradients
     else:
         parts |= kept
         parts["backward"] = round(block_total * BACKWARD_BLOCKS)
-    parts["logits"] = tokens * d["vocab"] * (12 + (2 if e == 2 else 0))
+    head_bytes = 4 if settings.quant.load_in != "none" else weight_bytes  # quantized: the head stays fp32
+    parts["logits"] = _loss_bytes(model.config, d, tokens, e, head_bytes, device)
     parts["autocast weight copies"] = _autocast_copies(targets, settings.quant.load_in) if autocast else 0
     parts["dequantization"] = _dequantization_bytes(targets, settings.quant)
     parts["dora norm"] = max((lay.in_features ** 2 + 3 * lay.in_features * lay.out_features) * 4
                              for lay in adapted) if settings.lora.use_dora and adapted else 0
     notes = ["an estimate from formulas, checked against measured peaks on CPU (benchmarks/results/memory_grid.md); "
-             "not yet measured on a GPU",
+             "on an H200 it was 1.23-1.58x the kit's peak allocated memory (it counts the whole logits, which the "
+             "kit's chunked loss does not build: benchmarks/results/gpu/)",
              f"attention: {_attention(model.config)}; precision {precision}, base weights "
              f"{ {'4bit': '4-bit NF4', '8bit': '8-bit'}.get(settings.quant.load_in, 'bf16' if weight_bytes == 2 else 'fp32') }"]
     if device == "cuda":
@@ -398,6 +403,27 @@ def estimate_for_lengths(model_or_config: nn.Module | transformers.PretrainedCon
                                                  device=device)
     found["worst case"] = estimate_memory(model_or_config, settings, seq_len=cap, device=device)
     return found
+
+
+def _loss_bytes(config: Any, d: dict[str, Any], tokens: int, e: int, head_bytes: int, device: str) -> int:
+    """The loss through the output head, at the end of the forward pass.
+
+    The kit's chunked loss (`loss.head_cross_entropy`) holds the labelled rows and their gradient
+    (``8 h`` per token, and their half-precision copy under bf16/fp16), one chunk's scores
+    (`chunk_rows` rows by the whole vocabulary on a GPU, by a cache-sized block on a CPU: float32,
+    and under bf16/fp16 also the half-precision product and copy) and, under bf16/fp16 with a
+    float32 head, the head weight in half precision (``2 V h``). Heads it refuses (soft-capped or scaled logits,
+    `batching.check_head_loss`) build the whole logits: ``V (12 + 2 [bf16])`` per token (the
+    log-softmax output, its gradient and the logits' gradient, in fp32).
+    """
+    vocab, hidden = d["vocab"], d["hidden"]
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return tokens * vocab * (12 + (2 if e == 2 else 0))
+    chunk = min(tokens, chunk_rows(vocab))
+    block = min(vocab, vocab_block(chunk, vocab, torch.device(device)))
+    scores = chunk * block * (8 if e == 2 else 4)  # fp32 scores; in half precision also the product and a copy
+    head_copy = vocab * hidden * 2 if e == 2 and head_bytes == 4 else 0
+    return tokens * hidden * (8 + (2 if e == 2 else 0)) + 2 * chunk * hidden * 4 + scores + head_copy
 
 
 _SHAPES: dict[tuple[int, str], tuple[weakref.ref, tuple[int, Any, list[TargetLayer]]]] = {}

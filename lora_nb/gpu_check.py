@@ -84,7 +84,8 @@ class VariantResult:
     cudnn_attention: bool = True  # False: sdpa without cuDNN's kernel, as the kit trains
     steps: int = 0
     real_tokens_per_s: float = 0.0
-    peak_allocated_gib: float = 0.0
+    peak_allocated_gib: float = 0.0  # while training (the estimate's scope); loading is counted apart
+    loading_peak_gib: float = 0.0
     peak_reserved_gib: float = 0.0
     estimate_gib: float = 0.0
     estimate_over_allocated: float = 0.0
@@ -124,18 +125,18 @@ class CheckReport:
                  + f"; {self.seconds:.0f} s in all.", ""]
         lines += [f"- {note}" for note in self.notes]
         lines += ["", "| model | variant | precision | optimizer | ckpt | batches | real tokens/s | kit/plain "
-                  "| peak allocated GiB | kit/plain memory | peak reserved GiB | estimate GiB | estimate/allocated "
-                  "| MFU | loss first -> last |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| peak allocated GiB (training) | kit/plain memory | peak reserved GiB | estimate GiB "
+                  "| estimate/allocated | loading peak GiB | MFU | loss first -> last |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in self.results:
             if not r.ok:
                 lines.append(f"| {r.model} | {r.variant} | {r.precision} | {r.optim} | {r.checkpointing} | "
-                             f"not run: {r.error} |  |  |  |  |  |  |  |  |  |")
+                             f"not run: {r.error} |  |  |  |  |  |  |  |  |  |  |")
                 continue
             lines.append(f"| {r.model} | {r.variant} | {r.precision} | {r.optim} | {r.checkpointing} | {r.batches} | "
                          f"{r.real_tokens_per_s:.0f} | {_times(r.ratio_vs_plain)} | {r.peak_allocated_gib:.2f} | "
                          f"{_times(r.memory_vs_plain)} | {r.peak_reserved_gib:.2f} | "
-                         f"{r.estimate_gib:.2f} | {r.estimate_over_allocated:.2f} | {r.mfu:.1%} | "
+                         f"{r.estimate_gib:.2f} | {r.estimate_over_allocated:.2f} | {r.loading_peak_gib:.2f} | {r.mfu:.1%} | "
                          f"{r.first_loss:.3f} -> {r.last_loss:.3f} |")
         return "\n".join(lines) + "\n"
 
@@ -326,6 +327,9 @@ def _measure(result: VariantResult, folder: Path, settings: KitSettings, steps: 
         torch.cuda.reset_peak_memory_stats()
     model, tokenizer = load_model(str(folder), settings.quant, dtype="auto", strict=True,
                                   gradient_checkpointing=settings.train.gradient_checkpointing)
+    if cuda:  # loading's transients (quantizing, upcasting) are not a training step's: measured apart
+        result.loading_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     seqs = _data(model.config.vocab_size, steps * BATCH)
     data = datasets.Dataset.from_dict({"input_ids": seqs, "labels": seqs})
     timer = _StepTimer()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import peft
@@ -10,6 +11,7 @@ import torch
 import transformers
 
 from lora_nb.estimate import OPTIMIZER_STATE_BYTES, adapted_layers, count_trainable, estimate_memory
+from lora_nb.fit import load_config
 from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
 from lora_nb.targets import find_targets
 from tests.archs import ARCHS, EXPECTED_NAMES, tiny_config, tiny_model
@@ -58,6 +60,24 @@ def _kit(**train) -> KitSettings:
     return KitSettings(quant=QuantSettings(load_in="none"), train=TrainSettings(precision="fp32", **train))
 
 
+def test_heads_the_chunked_loss_refuses_count_the_whole_logits():
+    config = copy.deepcopy(tiny_model("llama").config)  # the tiny models share their config object
+    config.final_logit_softcapping = 30.0  # Gemma 2's soft-capping: batching.check_head_loss refuses it
+    estimate = estimate_memory(config, _kit(), batch_size=2, seq_len=16, device="cpu")
+    assert estimate.parts["logits"] == 12 * 2 * 16 * 128  # fp32 log-softmax output, its gradient, the logits' gradient
+
+
+def test_on_a_gpu_the_loss_holds_one_chunk_of_scores_not_the_logits():
+    config = load_config("meta-llama/Llama-3.2-1B")  # 128,256-entry vocabulary
+    kit = _kit()
+    kit.train.precision = "bf16"
+    kit.quant.load_in = "4bit"
+    parts = estimate_memory(config, kit, batch_size=4, seq_len=512, device="cuda").parts
+    whole = 4 * 512 * 128_256 * 14  # what the whole bf16 logits would take: 3.4 GiB
+    head_copy = 128_256 * 2048 * 2  # the fp32 head (quantized model) in bf16 for the products
+    assert head_copy < parts["logits"] < head_copy + 200 * 2**20 < whole / 5
+
+
 def test_memory_parts_follow_the_formula():
     model = tiny_model("llama")
     kit = _kit()
@@ -68,7 +88,10 @@ def test_memory_parts_follow_the_formula():
     assert estimate.parts["weights"] == 4 * n_params
     assert estimate.parts["adapter"] == estimate.parts["gradients"] == 4 * trainable
     assert estimate.parts["optimizer"] == 8 * trainable
-    assert estimate.parts["logits"] == 12 * 2 * 16 * 128  # fp32 log-softmax output, its gradient, the logits' gradient
+    # the chunked loss: the 32 labelled rows and their gradient, the running softmax @ weight of one
+    # chunk (all 32 rows here), and that chunk's fp32 scores over the 128-entry vocabulary
+    h = model.config.hidden_size
+    assert estimate.parts["logits"] == 32 * h * 8 + 2 * 32 * h * 4 + 32 * 128 * 4
     assert estimate.parts["autocast weight copies"] == estimate.parts["dequantization"] == 0
     assert estimate.total_bytes == sum(estimate.parts.values()) == estimate.reserved_bytes == estimate.device_bytes
     assert estimate.trainable == trainable
