@@ -303,7 +303,8 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     - kept by autograd per block and token (peft's ``lora.Linear.forward`` and transformers' Llama code):
       norms ``2 (4 h + 4)`` (RMSNorm upcasts its input to fp32 and keeps it), attention ``e (2 q + 2 k) +
       4 a`` with sdpa/flash (q, k, v, output, log-sum-exp) or ``4 q e + 4 a s`` (+ ``a s e``) with eager
-      (keys/values repeated per head, the s x s probabilities), MLP ``3 i e`` (gate, its activation, up);
+      (keys/values repeated per head, the s x s probabilities), MLP ``3 i e`` (gate, its activation, up;
+      ``2 i e`` for gated-SiLU MLPs, whose activation the kit's lean form recomputes);
       adapter inputs: ``lora_A`` keeps its input (in fp32: once per distinct tensor; under bf16/fp16
       autocast peft upcasts it and autocast casts it back per layer, so each adapted layer keeps its own
       half-precision copy), ``4 r`` for ``lora_A``'s output; dropout > 0: each layer's dropped input and
@@ -341,6 +342,9 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     autocast = e == 2 and (weight_bytes == 4 or settings.quant.load_in != "none")
     d = _dims(model.config)
     d["gated"] = any(lay.name in _GATED for lay in targets.layers)  # gate * act(up): three MLP tensors kept, not two
+    # ... two under the kit's lean gated-SiLU MLP (`lean_layers`: silu(gate) is recomputed in the backward pass)
+    d["lean mlp"] = (any(lay.name == "gate_proj" for lay in targets.layers)
+                     and getattr(model.config, "hidden_act", None) in ("silu", "swish"))
     block = _block_bytes(d, adapted, settings, e, device, _attention(model.config), s)
     tokens = b * s
     n_blocks = max(d["layers"], 1)
@@ -367,8 +371,8 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
     parts["dora norm"] = max((lay.in_features ** 2 + 3 * lay.in_features * lay.out_features) * 4
                              for lay in adapted) if settings.lora.use_dora and adapted else 0
     notes = ["an estimate from formulas, checked against measured peaks on CPU (benchmarks/results/memory_grid.md); "
-             "on an H200 it was 1.23-1.58x the kit's peak allocated memory (it counts the whole logits, which the "
-             "kit's chunked loss does not build: benchmarks/results/gpu/)",
+             "on an H200, 0.96-1.03x the kit's peak allocated memory, 0.89x with gradient checkpointing "
+             "(benchmarks/results/gpu/)",
              f"attention: {_attention(model.config)}; precision {precision}, base weights "
              f"{ {'4bit': '4-bit NF4', '8bit': '8-bit'}.get(settings.quant.load_in, 'bf16' if weight_bytes == 2 else 'fp32') }"]
     if device == "cuda":
@@ -502,7 +506,7 @@ def _block_bytes(d: dict, adapted: list[TargetLayer], settings: KitSettings, e: 
     attn = e * (2 * d["q"] + 2 * d["kv"]) + 4 * d["heads"]
     if attention == "eager":
         attn = 4 * d["q"] * e + d["heads"] * s * (4 + (e if e < 4 else 0))
-    mlp = (3 if d["gated"] else 2) * d["mlp"] * e
+    mlp = (3 if d["gated"] and not d["lean mlp"] else 2) * d["mlp"] * e
     parts = {"norms": n * 2 * (4 * d["hidden"] + 4), "attention": n * attn, "mlp": n * mlp,
              "adapter inputs": 0.0, "adapter outputs": 0.0, "dropout masks": 0.0, "dora": 0.0}
     shared: set[tuple[Any, str]] = set()

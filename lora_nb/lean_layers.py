@@ -99,7 +99,11 @@ class _LoraLinear(torch.autograd.Function):
         low.mul_(scaling)
         out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
         out.addmm_(low, lora_b.T)
-        ctx.save_for_backward(rows, None if dropped is None else source, weight, lora_a, lora_b, low)
+        # x itself is needed for A's gradient only without dropout (with it, the dropped copy is), and for
+        # W's gradient only if W trains: keeping it anyway cost each adapted input a second copy per block
+        keep_rows = dropped is None or weight.requires_grad
+        ctx.save_for_backward(rows if keep_rows else None, None if dropped is None else source, weight, lora_a, lora_b,
+                              low)
         ctx.scaling, ctx.shape, ctx.has_bias = scaling, x.shape, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from lora_nb.batching import BatchPlan, packed_attention
 from lora_nb.estimate import OPTIMIZER_STATE_BYTES, adapted_layers, count_trainable, estimate_memory
 from lora_nb.fit import load_config
 from lora_nb.settings import KitSettings, LoraSettings, QuantSettings, TrainSettings
@@ -155,7 +156,8 @@ KEPT = ["norms", "attention", "mlp", "adapter inputs", "adapter outputs", "dropo
 
 
 def _saved_bytes(layers: int, lora: LoraSettings, attn: str = "sdpa", b: int = 2, s: int = 16) -> int:
-    """Bytes of distinct tensors autograd saves for the backward pass of a LoRA forward (parameters excluded)."""
+    """Bytes of distinct tensors autograd saves for the backward pass of a LoRA forward as the kit trains
+    it (its lean layers, padded batches; parameters excluded)."""
     config = tiny_config("llama")
     config.num_hidden_layers, config._attn_implementation = layers, attn
     torch.manual_seed(0)
@@ -170,8 +172,9 @@ def _saved_bytes(layers: int, lora: LoraSettings, attn: str = "sdpa", b: int = 2
         return t
 
     ids = torch.randint(3, 128, (b, s))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        wrapped(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    with packed_attention(wrapped, BatchPlan(padding_free=False, chunked_loss=False)):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            wrapped(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     params = {p.untyped_storage().data_ptr() for p in wrapped.parameters()}
     params |= {x.untyped_storage().data_ptr() for x in wrapped.buffers()}
     return sum(n for ptr, n in seen.items() if ptr not in params)
