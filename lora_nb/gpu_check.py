@@ -159,7 +159,7 @@ def variants(cuda: bool, bf16: bool) -> list[dict[str, Any]]:
                  "reason": ""})
     # The recipe with the kit's attention kernels: what is left of the ratio once cuDNN's per-length
     # plans are out of the picture (as over a long run, where few lengths are new).
-    rows.append({"variant": "plain without cuDNN attention", "path": "plain", "precision": best, "cudnn": False,
+    rows.append({"variant": "plain without cuDNN attention", "path": "plain", "precision": best, "cudnn_attention": False,
                  "reason": "" if cuda else "cuDNN attention runs only on CUDA"})
     if not cuda:
         rows += [{"variant": f"kit {p}", "path": "kit", "precision": p, "reason": "needs a CUDA GPU"}
@@ -192,16 +192,16 @@ def run_gpu_check(out: str | Path | None = None, models: tuple[str, ...] = MODEL
     if not cuda:
         report.notes.append("No CUDA GPU here: this is the smoke version on a tiny random model, fp32, to show that "
                             "the check's code runs. The real check needs a CUDA GPU: run `python -m lora_nb gpu-check` "
-                            "on one (about 5-8 minutes).")
+                            "on one (129 s on an H200).")
     steps = steps or (SMOKE_STEPS if smoke else STEPS)
     with tempfile.TemporaryDirectory() as work:
         for index, name in enumerate(("tiny",) if smoke else models):
             folder = _random_model(name, Path(work))
             specs = variants(cuda, bool(gpu and gpu.bf16))
-            if index > 0:  # the larger models: kit and plain in the card's best precision (keeps it under 8 min)
+            if index > 0:  # the larger models: kit and plain in the card's best precision (keeps the check short)
                 best = specs[-1]["precision"]
                 specs = [v for v in specs if v["precision"] == best and v.get("optim") is None
-                         and not v.get("checkpointing") and v.get("cudnn", True)]
+                         and not v.get("checkpointing") and v.get("cudnn_attention", True)]
             for spec in specs:
                 log(f"gpu-check: {name} {spec['variant']} ...")
                 report.results.append(_run_variant(name, folder, spec, steps, gpu, Path(work)))
@@ -308,7 +308,7 @@ def _now() -> float:
 def _run_variant(name: str, folder: Path, spec: dict[str, Any], steps: int, gpu: Gpu | None, work: Path) -> VariantResult:
     result = VariantResult(model=name, variant=spec["variant"], path=spec["path"], precision=spec["precision"],
                            optim=spec.get("optim", "adamw_torch"), checkpointing=spec.get("checkpointing", False),
-                           cudnn_attention=spec.get("cudnn", True))
+                           cudnn_attention=spec.get("cudnn_attention", True))
     if spec.get("reason"):
         result.error = spec["reason"]
         return result
@@ -410,22 +410,33 @@ def _flops_per_token(config: Any, seq: int) -> float:
     return 4 * n + 12 * config.num_hidden_layers * seq * q
 
 
+def _recipes(results: list[VariantResult], cudnn_attention: bool) -> dict[tuple[str, str], VariantResult]:
+    """The plain recipe's measured rows by (model, precision), with or without cuDNN attention."""
+    return {(r.model, r.precision): r for r in results
+            if r.path == "plain" and r.ok and r.real_tokens_per_s and r.cudnn_attention == cudnn_attention}
+
+
+def _comparable_kit(r: VariantResult) -> bool:
+    """A measured kit row that differs from the plain recipe only in path (its optimizer, no checkpointing)."""
+    return r.path == "kit" and r.ok and r.optim == "adamw_torch" and not r.checkpointing
+
+
 def _add_ratios(results: list[VariantResult]) -> None:
     """kit/plain tokens/s and peak allocated memory, for the kit rows that differ from plain only in path."""
-    plain = {(r.model, r.precision): r for r in results if r.path == "plain" and r.ok and r.cudnn_attention}
+    plain = _recipes(results, cudnn_attention=True)
     for r in results:
         ref = plain.get((r.model, r.precision))
-        if r.path == "kit" and r.ok and ref and ref.real_tokens_per_s and r.optim == "adamw_torch" and not r.checkpointing:
+        if ref and _comparable_kit(r):
             r.ratio_vs_plain = r.real_tokens_per_s / ref.real_tokens_per_s
             if ref.peak_allocated_gib:
                 r.memory_vs_plain = r.peak_allocated_gib / ref.peak_allocated_gib
 
 
 def _add_findings(report: CheckReport) -> None:
-    plain = {(r.model, r.precision): r for r in report.results if r.path == "plain" and r.ok and not r.cudnn_attention}
+    plain = _recipes(report.results, cudnn_attention=False)
     for r in report.results:
         ref = plain.get((r.model, r.precision))
-        if ref and not math.isnan(r.ratio_vs_plain) and ref.real_tokens_per_s:
+        if ref and _comparable_kit(r):
             report.notes.append(f"{r.model} {r.variant}: {r.real_tokens_per_s / ref.real_tokens_per_s:.2f}x the recipe "
                                 "without cuDNN attention (no per-length plans to build: the ratio of a long run)")
     seen = set()

@@ -128,10 +128,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         products, inputs = (weight, rows) if dtype is None else (weight.to(dtype), rows.to(dtype))
         for start in range(0, rows.shape[0], chunk):
-            part, target = rows[start:start + chunk], targets[start:start + chunk]
-            logsumexp, softmax_weight = _online_softmax(inputs[start:start + chunk], products, bias)
+            part, cast, target = rows[start:start + chunk], inputs[start:start + chunk], targets[start:start + chunk]
+            logsumexp, softmax_weight = _online_softmax(cast, products, bias)
             target_rows = products[target].float()  # each row's target's row of the head weight
-            picked = _target_scores(inputs[start:start + chunk], target_rows, bias, target)
+            picked = _target_scores(cast, target_rows, bias, target)
             total += (logsumexp - picked).sum()  # logsumexp - target score, per row
             if grad_rows is not None:  # softmax @ weight, less the target's row of weight
                 grad_rows[start:start + chunk] = (softmax_weight - target_rows).to(rows.dtype)
