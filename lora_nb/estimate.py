@@ -5,8 +5,8 @@ numbers as ``get_peft_model(...).get_nb_trainable_parameters()`` without wrappin
 
 :func:`estimate_memory` adds up, part by part, what one training step holds at its peak: the
 weights, the adapter with its gradients and optimizer states, what autograd keeps for the backward
-pass (read from peft's ``lora.Linear.forward`` and DoRA's ``DoraLinearLayer.forward``), the logits and
-the loss, and the short-lived buffers around the peak. :func:`estimate_for_lengths` gives it for the
+pass (read from peft's ``lora.Linear.forward`` and DoRA's ``DoraLinearLayer.forward``), the loss through
+the output head, and the short-lived buffers around the peak. :func:`estimate_for_lengths` gives it for the
 data's own lengths beside the worst case. Checked against real training steps by
 ``benchmarks/memory.py`` (``benchmarks/results/memory_grid.md``).
 
@@ -229,7 +229,7 @@ class MemoryEstimate:
             loader, kernel workspaces). Kept for the backward
             pass (per block x blocks): norms, attention, mlp, adapter inputs, adapter outputs, dropout masks,
             dora, checkpoints (block inputs with gradient checkpointing). Transient at the peak: backward
-            (one block's gradients, plus its recomputed activations with checkpointing), logits, autocast
+            (one block's gradients, plus its recomputed activations with checkpointing), loss through the head, autocast
             weight copies, dequantization (4-bit), dora norm.
         batch_size: Examples per step the estimate is for.
         seq_len: Tokens per example (the padded length of the batch).
@@ -365,7 +365,7 @@ def estimate_memory(model_or_config: nn.Module | transformers.PretrainedConfig, 
         parts |= kept
         parts["backward"] = round(block_total * BACKWARD_BLOCKS)
     head_bytes = 4 if settings.quant.load_in != "none" else weight_bytes  # quantized: the head stays fp32
-    parts["logits"] = _loss_bytes(model.config, d, tokens, e, head_bytes, device)
+    parts["loss through the head"] = _loss_bytes(model.config, d, tokens, e, head_bytes, device)
     parts["autocast weight copies"] = _autocast_copies(targets, settings.quant.load_in) if autocast else 0
     parts["dequantization"] = _dequantization_bytes(targets, settings.quant)
     parts["dora norm"] = max((lay.in_features ** 2 + 3 * lay.in_features * lay.out_features) * 4

@@ -65,7 +65,7 @@ def test_heads_the_chunked_loss_refuses_count_the_whole_logits():
     config = copy.deepcopy(tiny_model("llama").config)  # the tiny models share their config object
     config.final_logit_softcapping = 30.0  # Gemma 2's soft-capping: batching.check_head_loss refuses it
     estimate = estimate_memory(config, _kit(), batch_size=2, seq_len=16, device="cpu")
-    assert estimate.parts["logits"] == 12 * 2 * 16 * 128  # fp32 log-softmax output, its gradient, the logits' gradient
+    assert estimate.parts["loss through the head"] == 12 * 2 * 16 * 128  # fp32 log-softmax output, its gradient, the logits' gradient
 
 
 def test_on_a_gpu_the_loss_holds_one_chunk_of_scores_not_the_logits():
@@ -76,7 +76,7 @@ def test_on_a_gpu_the_loss_holds_one_chunk_of_scores_not_the_logits():
     parts = estimate_memory(config, kit, batch_size=4, seq_len=512, device="cuda").parts
     whole = 4 * 512 * 128_256 * 14  # what the whole bf16 logits would take: 3.4 GiB
     head_copy = 128_256 * 2048 * 2  # the fp32 head (quantized model) in bf16 for the products
-    assert head_copy < parts["logits"] < head_copy + 200 * 2**20 < whole / 5
+    assert head_copy < parts["loss through the head"] < head_copy + 200 * 2**20 < whole / 5
 
 
 def test_memory_parts_follow_the_formula():
@@ -92,7 +92,7 @@ def test_memory_parts_follow_the_formula():
     # the chunked loss: the 32 labelled rows and their gradient, the running softmax @ weight of one
     # chunk (all 32 rows here), and that chunk's fp32 scores over the 128-entry vocabulary
     h = model.config.hidden_size
-    assert estimate.parts["logits"] == 32 * h * 8 + 2 * 32 * h * 4 + 32 * 128 * 4
+    assert estimate.parts["loss through the head"] == 32 * h * 8 + 2 * 32 * h * 4 + 32 * 128 * 4
     assert estimate.parts["autocast weight copies"] == estimate.parts["dequantization"] == 0
     assert estimate.total_bytes == sum(estimate.parts.values()) == estimate.reserved_bytes == estimate.device_bytes
     assert estimate.trainable == trainable
@@ -102,7 +102,7 @@ def test_memory_reacts_to_settings():
     model = tiny_model("llama")
     base = estimate_memory(model, _kit(), batch_size=2, seq_len=16)
     double = estimate_memory(model, _kit(), batch_size=4, seq_len=16)
-    assert double.parts["mlp"] == 2 * base.parts["mlp"] and double.parts["logits"] == 2 * base.parts["logits"]
+    assert double.parts["mlp"] == 2 * base.parts["mlp"] and double.parts["loss through the head"] == 2 * base.parts["loss through the head"]
     ckpt = estimate_memory(model, _kit(gradient_checkpointing=True), batch_size=2, seq_len=16)
     assert "mlp" not in ckpt.parts and ckpt.parts["checkpoints"] == 2 * 16 * 2 * 32 * 4  # block inputs only
     assert ckpt.total_bytes < base.total_bytes
