@@ -123,3 +123,21 @@ def test_merge_parts_run_side_by_side(report, tmp_path):
     one = merge_reports(parts[:1], notes=["The memory part ran on older code."])
     assert "of 1 seed(s) run" in render_markdown(one)
     assert "- The memory part ran on older code." in render_markdown(one)
+
+
+def test_step_profile_splits_both_arms_by_kind_of_work(tiny_model_dir):
+    """benchmarks/step_profile.py: the same chats in both arms, every kind of work found in each, the factors."""
+    from benchmarks import step_profile
+
+    result = step_profile.measure(tiny_model_dir, batches=1, seed=0)
+    recipe, kit = result["arms"]["recipe"], result["arms"]["kit"]
+    assert kit["positions"] == kit["real"] == recipe["real"] - 8  # the kit drops each chat's final newline
+    assert recipe["positions"] > recipe["real"]  # padded to the longest of the 8
+    for arm in (recipe, kit):
+        assert set(arm["seconds"]) <= set(step_profile.KINDS)
+        assert all(arm["seconds"].get(kind, 0) > 0 for kind in step_profile.KINDS)
+        assert arm["layer_gflops"] > 0
+    text = step_profile.render(result)
+    share = recipe["real"] / recipe["positions"]
+    assert f"{1 / share:.2f}x from the padding the kit drops" in text
+    assert text.count("\n| ") == 2 + len(step_profile.KINDS) + 1  # header, rule, a row per kind, all
