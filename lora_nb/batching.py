@@ -63,6 +63,7 @@ from .loss import head_cross_entropy, shift_labels
 PACKED_SDPA = "lora_nb_packed_sdpa"  # attention implementation name registered below
 PROBE_LENGTHS = (5, 9, 3)  # the examples `check_padding_free` packs into one row
 PROBE_NOISE_FACTOR = 4  # a packed example may differ by this many times the rounding noise of the first
+PROBE_SCORE_SCALE = 100.0  # `check_head_loss` also compares scores this large (soft-capping shows there)
 
 
 def length_grouped_indices(lengths: Sequence[int], batch_size: int, seed: int = 0,
@@ -359,7 +360,9 @@ def check_head_loss(model) -> str | None:
     """Whether the chunked loss through the output head equals the model's own loss.
 
     Models that change the scores after the head (Gemma 2's soft-capping, Cohere's logit scale) or
-    call it more than once fail this and keep the model's own logits.
+    call it more than once fail this and keep the model's own logits. Soft-capping barely changes
+    small scores (a fresh or tiny model's), so the scores are also compared with the head's output
+    scaled up to `PROBE_SCORE_SCALE`, where any change after the head shows.
 
     Returns:
         None when the losses agree, else the reason.
@@ -368,16 +371,41 @@ def check_head_loss(model) -> str | None:
     if head is None:
         return "the model has no output head (get_output_embeddings() is None)"
     x = torch.cat(_probe_examples(model))[None]
+    tolerance = PROBE_TOLERANCE.get(_compute_dtype(model), 2e-2)
     try:
         with _probing(model):
             own = model(input_ids=x, labels=x, use_cache=False).loss.float().item()
             chunked, _ = loss_sum(model, {"input_ids": x, "labels": x}, head=head)
+            changed = _scores_change_after_head(model, head, x, tolerance)
     except (TypeError, ValueError, RuntimeError, AttributeError) as err:
         return f"the loss through the head in chunks failed ({type(err).__name__}: {err})"
     ours = chunked.item() / (x.shape[1] - 1)
-    tolerance = PROBE_TOLERANCE.get(_compute_dtype(model), 2e-2)
     if abs(ours - own) > tolerance * max(1.0, abs(own)):
         return f"its loss differs from the loss through its output head ({own:.6g} vs {ours:.6g})"
+    return changed
+
+
+def _scores_change_after_head(model, head: torch.nn.Module, x: torch.Tensor, tolerance: float) -> str | None:
+    """Whether the model's scores differ from its head's output once that output is scaled to
+    `PROBE_SCORE_SCALE` (a hook on the head scales it; the model's forward runs on as usual)."""
+    outputs: list[torch.Tensor] = []
+
+    def scale_up(module, args, output):
+        factor = PROBE_SCORE_SCALE / output.float().abs().max().clamp(min=1e-6)
+        outputs.append((output.float() * factor).to(output.dtype))
+        return outputs[-1]
+
+    handle = head.register_forward_hook(scale_up)
+    try:
+        scores = model(input_ids=x, use_cache=False).logits.float()
+    finally:
+        handle.remove()
+    if len(outputs) != 1:
+        return f"its output head was called {len(outputs)} times in one forward pass, not once"
+    diff = (scores - outputs[0].float()).abs().max().item() / PROBE_SCORE_SCALE
+    if diff > tolerance:
+        return (f"it changes the scores after its output head (soft-capping or scaling: they differ by {diff:.2g} "
+                f"relative at scores of {PROBE_SCORE_SCALE:g}; allowed {tolerance:.2g})")
     return None
 
 

@@ -24,6 +24,28 @@ CONFIGS = {
 }
 ARCHS = list(CONFIGS)
 
+_T = transformers
+# More architectures, for the training path only (`test_batching.py`): each with what the kit's batch plan
+# must find (padding-free rows, chunked loss). ALiBi (BLOOM, MPT) cannot take packed rows; Cohere scales its
+# scores after the head and Gemma 2 soft-caps them, so both keep the model's own logits.
+PACKING_CONFIGS = {
+    "qwen3": (lambda: _T.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=8), (True, True)),
+    "gemma2": (lambda: _T.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=8, sliding_window=4), (True, False)),
+    "gemma3": (lambda: _T.Gemma3TextConfig(**_COMMON, num_key_value_heads=2, head_dim=8, sliding_window=4), (True, True)),
+    "olmo2": (lambda: _T.Olmo2Config(**_COMMON, num_key_value_heads=2), (True, True)),
+    "cohere": (lambda: _T.CohereConfig(**_COMMON, num_key_value_heads=2), (True, False)),
+    "mixtral": (lambda: _T.MixtralConfig(**_COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+                (True, True)),
+    "falcon": (lambda: _T.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                       num_attention_heads=HEADS, new_decoder_architecture=True, num_kv_heads=2),
+               (True, True)),
+    "opt": (lambda: _T.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                 ffn_dim=FFN, max_position_embeddings=64, word_embed_proj_dim=HIDDEN), (True, True)),
+    "bloom": (lambda: _T.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS), (False, True)),
+    "mpt": (lambda: _T.MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=64),
+            (False, True)),
+}
+
 # Short names each architecture must expose (what users put in target_modules).
 EXPECTED_NAMES = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -37,8 +59,8 @@ EXPECTED_NAMES = {
 
 
 def tiny_config(arch: str) -> transformers.PretrainedConfig:
-    """The tiny config of one architecture."""
-    return CONFIGS[arch]()
+    """The tiny config of one architecture (of `CONFIGS` or `PACKING_CONFIGS`)."""
+    return CONFIGS[arch]() if arch in CONFIGS else PACKING_CONFIGS[arch][0]()
 
 
 def tiny_model(arch: str) -> transformers.PreTrainedModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from lora_nb.batching import (
     PackedCollator,
     ShiftedPadCollator,
     _compute_dtype,
+    check_head_loss,
     check_padding_free,
     length_grouped_indices,
     loss_sum,
@@ -27,7 +29,8 @@ from lora_nb.batching import (
     plan_batches,
 )
 from lora_nb.data import padding_efficiency
-from tests.archs import ARCHS, tiny_model
+from tests.archs import ARCHS, PACKING_CONFIGS, tiny_model
+from tests.archs import VOCAB
 
 
 def _lengths(n, seed=0):
@@ -197,6 +200,52 @@ def test_every_tested_architecture_passes_the_packing_check(arch):
     model = tiny_model(arch)
     plan = plan_batches(model, padding_free=True)
     assert plan == BatchPlan(padding_free=True, chunked_loss=True, notes=[])
+
+
+@pytest.mark.parametrize("arch", list(PACKING_CONFIGS))
+def test_more_architectures_train_on_the_kits_batches_as_on_examples_alone(arch):
+    """The batch plan each architecture must get, then the kit's loss and LoRA gradients of one batch
+    (packed, or padded where the plan falls back) equal the sums over the examples run alone."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(arch), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                        init_lora_weights=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_batches(model, padding_free=True)
+    assert (plan.padding_free, plan.chunked_loss) == PACKING_CONFIGS[arch][1], plan.notes
+    assert len(plan.notes) == sum(not ok for ok in PACKING_CONFIGS[arch][1]) == sum("off for this model" in str(w.message) for w in caught)
+    model.eval()  # no dropout (OPT's is 0.1): both sides compute the same thing; gradients still flow
+    examples = _examples([7, 12, 5, 9], VOCAB)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    expected = 0.0
+    for x in examples:
+        total, _ = loss_sum(model, {"input_ids": x[None], "labels": x[None]})
+        total.backward()
+        expected += total.item()
+    alone = [p.grad.clone() for p in trained]
+    model.zero_grad()
+    batch = plan.collator(0)([{"input_ids": x.tolist()} for x in examples])
+    with packed_attention(model, plan):
+        total, _ = loss_sum(model, batch, head=model.get_output_embeddings() if plan.chunked_loss else None)
+        total.backward()
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    for grad, reference in zip((p.grad for p in trained), alone):
+        assert (grad - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+def test_soft_capping_is_found_where_the_scores_are_too_small_to_show_it():
+    """A fresh Gemma 2's scores are below 1, where 30 tanh(s / 30) = s to 1e-4: the losses agree, the
+    scaled-up probe does not."""
+    model = tiny_model("gemma2")
+    x = torch.cat(_examples([9, 6], VOCAB))[None]
+    with torch.no_grad():
+        own = model(input_ids=x, labels=x, use_cache=False).loss.item()
+        chunked, _ = loss_sum(model, {"input_ids": x, "labels": x}, head=model.get_output_embeddings())
+    assert model.config.final_logit_softcapping == 30.0
+    assert chunked.item() / (x.shape[1] - 1) == pytest.approx(own, rel=1e-4)
+    problem = check_head_loss(model)
+    assert problem.startswith("it changes the scores after its output head (soft-capping or scaling")
 
 
 def _attention_ignoring_boundaries(module, query, key, value, attention_mask, **kwargs):
