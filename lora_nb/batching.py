@@ -284,7 +284,10 @@ def packed_attention(model, plan: "BatchPlan"):
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = getattr(base.config, "_attn_implementation", None)
-    switch = plan.padding_free and before == "sdpa"
+    # Models whose attention does not go through transformers' AttentionInterface (Falcon) keep their own
+    # sdpa code with the block-diagonal mask; asking them to switch only logs a warning
+    can_switch = getattr(type(base), "_can_set_attn_implementation", lambda: True)()
+    switch = plan.padding_free and before == "sdpa" and can_switch
     if switch:
         base.set_attn_implementation(PACKED_SDPA)
     try:

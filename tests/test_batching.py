@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.testing_utils import CaptureLogger
+from transformers.utils.logging import get_logger
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -210,9 +212,10 @@ def test_more_architectures_train_on_the_kits_batches_as_on_examples_alone(arch)
 
     model = get_peft_model(tiny_model(arch), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                                         init_lora_weights=False))
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, CaptureLogger(get_logger("transformers.modeling_utils")) as logged:
         warnings.simplefilter("always")
         plan = plan_batches(model, padding_free=True)
+    assert "does not support setting its attention implementation" not in logged.out  # Falcon keeps its own attention
     assert (plan.padding_free, plan.chunked_loss) == PACKING_CONFIGS[arch][1], plan.notes
     assert len(plan.notes) == sum(not ok for ok in PACKING_CONFIGS[arch][1]) == sum("off for this model" in str(w.message) for w in caught)
     model.eval()  # no dropout (OPT's is 0.1): both sides compute the same thing; gradients still flow
