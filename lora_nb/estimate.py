@@ -414,7 +414,7 @@ def _loss_bytes(config: Any, d: dict[str, Any], tokens: int, e: int, head_bytes:
 
     The kit's chunked loss (`loss.head_cross_entropy`) holds the labelled rows and their gradient
     (``8 h`` per token, and their half-precision copy under bf16/fp16), one chunk's scores
-    (`chunk_rows` rows by the whole vocabulary on a GPU, by a cache-sized block on a CPU: float32,
+    (`chunk_rows` rows by the whole vocabulary on a GPU, `CPU_CHUNK_ROWS` by a cache-sized block on a CPU: float32,
     and under bf16/fp16 also the half-precision product and copy) and, under bf16/fp16 with a
     float32 head, the head weight in half precision (``2 V h``). Heads it refuses (soft-capped or scaled logits,
     `batching.check_head_loss`) build the whole logits: ``V (12 + 2 [bf16])`` per token (the
@@ -423,7 +423,7 @@ def _loss_bytes(config: Any, d: dict[str, Any], tokens: int, e: int, head_bytes:
     vocab, hidden = d["vocab"], d["hidden"]
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return tokens * vocab * (12 + (2 if e == 2 else 0))
-    chunk = min(tokens, chunk_rows(vocab))
+    chunk = min(tokens, chunk_rows(vocab, device=torch.device(device)))
     block = min(vocab, vocab_block(chunk, vocab, torch.device(device)))
     scores = chunk * block * (8 if e == 2 else 4)  # fp32 scores; in half precision also the product and a copy
     head_copy = vocab * hidden * 2 if e == 2 and head_bytes == 4 else 0

@@ -83,7 +83,8 @@ def test_chunk_rows_bounds_the_scores_held_at_once():
     assert chunk_rows(49152) == 341  # 64 MiB of fp32 scores
     assert chunk_rows(128256) == 130
     assert chunk_rows(10**9) == 16
-    assert vocab_block(341, 49152, torch.device("cpu")) == 1537  # 2 MiB: what a CPU holds at a time
+    assert chunk_rows(49152, device=torch.device("cpu")) == chunk_rows(10**9, device=torch.device("cpu")) == 682
+    assert vocab_block(682, 49152, torch.device("cpu")) == 768  # 2 MiB: what a CPU holds at a time
     assert vocab_block(341, 49152, torch.device("meta")) == 49152  # a GPU takes the chunk's whole vocabulary
 
 
