@@ -91,13 +91,11 @@ def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: tor
     wanted = targets[keep]
     if rows.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and its dtype) for backward
-    weight = getattr(head, "weight", None)
-    vocab = weight.shape[0] if weight is not None else head(rows[:1]).shape[-1]
     needs_grad = torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))
-    if type(head) is torch.nn.Linear and needs_grad:
-        chunk = chunk_size or chunk_rows(vocab, device=rows.device)
+    fused = type(head) is torch.nn.Linear and needs_grad
+    chunk = chunk_size or _default_chunk(head, rows, fused)
+    if fused:
         return _FusedLinearCrossEntropy.apply(rows, head.weight, head.bias, wanted, chunk, dtype)
-    chunk = chunk_size or chunk_rows(vocab)
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk):
         part, target = rows[start:start + chunk], wanted[start:start + chunk]
@@ -106,6 +104,13 @@ def head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: tor
         else:
             total = total + _chunk_loss(head, part, target)
     return total
+
+
+def _default_chunk(head: torch.nn.Module, rows: torch.Tensor, fused: bool) -> int:
+    """`chunk_rows` for this head: the fused path on a CPU goes by `CPU_CHUNK_ROWS`, any other by bytes of scores."""
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if weight is not None else head(rows[:1]).shape[-1]
+    return chunk_rows(vocab, device=rows.device if fused else None)
 
 
 def _chunk_loss(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
